@@ -1,0 +1,187 @@
+"""Functions that run inside each spawned rank (they must be importable by module path)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+import zray
+from zray.models.data import lm_batch, synthetic_tokens
+from zray.models.gpt import GPT, GPTConfig
+
+# bias=False: the key part of a qkv bias gets an exactly-zero gradient (softmax ignores a shift
+# of all scores), so its Adam update is normalised rounding noise and no two summation orders
+# agree on it. Without those biases every parameter has a real gradient.
+MODEL = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32, bias=False)
+GLOBAL_BATCH = 16
+GAS = 2
+STEPS = 5
+LR = 1e-2
+
+
+def ds_config(stage: int, world: int, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_batch_size": GLOBAL_BATCH,
+        "gradient_accumulation_steps": GAS,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.1}},
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": LR,
+                "warmup_num_steps": 3,
+                "warmup_type": "linear",
+            },
+        },
+        "zero_optimization": {
+            "stage": stage,
+            # Small buckets and a low persistence threshold so that every path (several
+            # buckets, several stage-3 units, a persistent unit) runs even on a tiny model.
+            "reduce_bucket_size": 3000,
+            "stage3_param_persistence_threshold": 100,
+            "stage3_prefetch_bucket_size": 5000,
+        },
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def data() -> torch.Tensor:
+    return synthetic_tokens(GLOBAL_BATCH * STEPS, MODEL.seq_len, MODEL.vocab_size, seed=1)
+
+
+def fresh_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(MODEL)
+
+
+def micro_batch(tokens: torch.Tensor, step: int, micro: int, rank: int, world: int) -> dict:
+    """Rank `rank`'s micro-batch `micro` of global step `step`: a fixed slice of the global batch."""
+    per_micro = GLOBAL_BATCH // (world * GAS)
+    start = step * GLOBAL_BATCH + (micro * world + rank) * per_micro
+    return lm_batch(tokens[start : start + per_micro])
+
+
+def reference_training() -> dict[str, torch.Tensor]:
+    """Plain single-process PyTorch on the whole global batch: the ground truth."""
+    from zray.schedulers import build_scheduler
+
+    model = fresh_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    sched = build_scheduler(
+        opt,
+        "WarmupLR",
+        {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 3, "warmup_type": "linear"},
+    )
+    tokens = data()
+    for step in range(STEPS):
+        opt.zero_grad()
+        batch = lm_batch(tokens[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH])
+        model(**batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(stage: int, **extra: Any) -> dict[str, Any]:
+    ctx = zray.init_distributed()
+    world, rank = ctx.dp_size, ctx.dp_rank
+    engine, *_ = zray.initialize(model=fresh_model(), config=ds_config(stage, world, **extra))
+    tokens = data()
+    losses = []
+    for step in range(STEPS):
+        for micro in range(GAS):
+            loss = engine(**micro_batch(tokens, step, micro, rank, world))
+            engine.backward(loss)
+            engine.step()
+        losses.append(loss.item())
+    state = engine.consolidated_state_dict()
+    return {
+        "state": state if rank == 0 else None,
+        "losses": losses,
+        "global_steps": engine.global_steps,
+        "lr": engine.get_lr(),
+        "memory": engine.memory_breakdown(),
+    }
+
+
+def all_stages_fp32() -> dict[int, dict[str, Any]]:
+    return {stage: train(stage) for stage in range(4)}
+
+
+def bf16_stages(stages: tuple[int, ...] = (0, 3)) -> dict[int, dict[str, Any]]:
+    return {stage: train(stage, bf16={"enabled": True}) for stage in stages}
+
+
+def memory_per_stage() -> dict[int, dict[str, Any]]:
+    """Bytes per rank after one bf16 step, with what the formula needs to predict them."""
+    ctx = zray.init_distributed()
+    out = {}
+    tokens = data()
+    for stage in range(4):
+        engine, *_ = zray.initialize(
+            model=fresh_model(),
+            config=ds_config(
+                stage,
+                ctx.dp_size,
+                bf16={"enabled": True},
+                zero_optimization={
+                    "stage": stage,
+                    "reduce_bucket_size": 10**9,
+                    "stage3_param_persistence_threshold": 100,
+                },
+            ),
+        )
+        for micro in range(GAS):
+            engine.backward(engine(**micro_batch(tokens, 0, micro, ctx.dp_rank, ctx.dp_size)))
+            engine.step()
+        out[stage] = {
+            "memory": engine.memory_breakdown(),
+            "optimizer_tensors": len(engine.optimizer.optimizer.state),
+        }
+    return out
+
+
+def fp16_overflow(overflow_steps: tuple[int, ...], bad_rank: int) -> dict[str, Any]:
+    """fp16 at stage 2; the loss of `bad_rank` alone is made infinite on `overflow_steps`."""
+    ctx = zray.init_distributed()
+    cfg = ds_config(
+        2,
+        ctx.dp_size,
+        fp16={
+            "enabled": True,
+            "initial_scale_power": 8,
+            "hysteresis": 2,
+            "loss_scale_window": 1000,
+        },
+    )
+    del cfg["scheduler"]  # the warmup starts at lr 0, which would leave step 0 unchanged too
+    engine, *_ = zray.initialize(model=fresh_model(), config=cfg)
+    tokens = data()
+    scales, skipped, snapshots = [], [], []
+    for step in range(STEPS):
+        before = engine.consolidated_state_dict()
+        for micro in range(GAS):
+            loss = engine(**micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size))
+            if step in overflow_steps and ctx.dp_rank == bad_rank and micro == GAS - 1:
+                loss = loss * float("inf")
+            engine.backward(loss)
+            engine.step()
+        after = engine.consolidated_state_dict()
+        snapshots.append(all(torch.equal(before[k], after[k]) for k in before))
+        scales.append(engine.loss_scale)
+        skipped.append(engine.skipped_steps)
+    return {
+        "scales": scales,
+        "skipped": skipped,
+        "unchanged": snapshots,
+        "global_steps": engine.global_steps,
+    }
+
+
+def deepcopy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return copy.deepcopy(state)

@@ -1,0 +1,1 @@
+"""Checkpoints: atomic per-rank shards now; the resharding format comes with the Ray runtime."""

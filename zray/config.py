@@ -1,0 +1,298 @@
+"""One typed config tree that reads DeepSpeed's JSON config as DeepSpeed users write it.
+
+    cfg = Config.load("ds_config.json")        # or a dict, a .yaml file, a Config, or None
+    sizes = cfg.resolve_batch(dp_world_size=8)  # train_batch_size = micro * gas * world
+
+Sections are frozen dataclasses named after DeepSpeed's keys (`cfg.zero_optimization.stage`,
+`cfg.fp16.loss_scale`, ...), plus zray's own run section `cfg.zray`. Every value is checked when a
+section is built, from JSON or in Python; a bad key or value raises `ConfigError` naming the
+dotted key, the value and what is allowed. "auto" (written by Hugging Face) means "use the default
+/ derive it". DeepSpeed keys zray knowingly ignores are listed in `IGNORED_KEYS` and warned about
+once per process. Change a built config with `dataclasses.replace`, which re-runs the checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from zray._config_fields import AUTO, IGNORED_KEYS, Section, build, coerce, meta, warn_once
+from zray._config_schedulers import SCHEDULER_TYPES
+from zray._config_sections import (
+    OPTIMIZER_PARAMS,
+    ActivationCheckpointingConfig,
+    BF16Config,
+    FP16Config,
+    OffloadConfig,
+    OffloadOptimizerConfig,
+    OffloadParamConfig,
+    OptimizerConfig,
+    RunConfig,
+    SchedulerConfig,
+    TensorParallelConfig,
+    ZeroConfig,
+)
+from zray.errors import ConfigError, ZrayConfigWarning
+
+__all__ = [
+    "AUTO",
+    "IGNORED_KEYS",
+    "OPTIMIZER_PARAMS",
+    "SCHEDULER_TYPES",
+    "ActivationCheckpointingConfig",
+    "BF16Config",
+    "BatchSizes",
+    "Config",
+    "ConfigError",
+    "FP16Config",
+    "OffloadConfig",
+    "OffloadOptimizerConfig",
+    "OffloadParamConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "SchedulerConfig",
+    "TensorParallelConfig",
+    "ZeroConfig",
+    "ZrayConfigWarning",
+]
+
+_TBS = "train_batch_size"
+_MICRO = "train_micro_batch_size_per_gpu"
+_GAS = "gradient_accumulation_steps"
+
+# PyYAML follows YAML 1.1, whose float syntax needs a dot: it reads DeepSpeed's habitual 5e8 as
+# the string "5e8". Such strings in a YAML file are read back as the numbers the user meant.
+_YAML_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """Resolved batch sizes: train_batch_size = micro_batch_per_gpu * gas * dp world size."""
+
+    train_batch_size: int
+    micro_batch_per_gpu: int
+    gradient_accumulation_steps: int
+
+
+@dataclass(frozen=True)
+class Config(Section):
+    """The whole config: DeepSpeed's top-level keys plus zray's own `zray` run section.
+
+    Batch sizes left None (or "auto") are derived by `resolve_batch` once the data-parallel
+    world size is known, by DeepSpeed's rule.
+    """
+
+    _path: ClassVar[str] = ""
+
+    train_batch_size: int | None = field(default=None, metadata=meta(gt=0))
+    train_micro_batch_size_per_gpu: int | None = field(default=None, metadata=meta(gt=0))
+    gradient_accumulation_steps: int | None = field(default=None, metadata=meta(gt=0))
+    optimizer: OptimizerConfig | None = None
+    scheduler: SchedulerConfig | None = None
+    fp16: FP16Config = field(default_factory=FP16Config)
+    bf16: BF16Config = field(default_factory=BF16Config, metadata=meta(aliases=("bfloat16",)))
+    zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
+    gradient_clipping: float = field(
+        default=0.0, metadata=meta(ge=0)
+    )  # max global grad norm; 0 = no clipping
+    steps_per_print: int = field(default=10, metadata=meta(gt=0))
+    wall_clock_breakdown: bool = False
+    prescale_gradients: bool = False
+    gradient_predivide_factor: float = field(default=1.0, metadata=meta(gt=0))
+    # None: communicate gradients in the compute dtype (DeepSpeed's default).
+    communication_data_type: str | None = field(
+        default=None, metadata=meta(choices=("fp32", "fp16", "bf16"), ignore_case=True)
+    )
+    activation_checkpointing: ActivationCheckpointingConfig = field(
+        default_factory=ActivationCheckpointingConfig
+    )
+    tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)
+    zray: RunConfig = field(default_factory=RunConfig)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Config:
+        """Read a DeepSpeed-style config dict (plus an optional "zray" section)."""
+        return build(cls, d)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        """Read a JSON file, or YAML when the suffix is .yaml / .yml."""
+        p = Path(path)
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # lazily: only YAML users need PyYAML
+
+            try:
+                raw = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(str(p), text[:80], "a YAML mapping", f"invalid YAML: {e}") from e
+            raw = _yaml_numbers(raw)
+        else:
+            try:
+                raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+            except json.JSONDecodeError as e:
+                line = e.doc.splitlines()[e.lineno - 1].strip() if e.doc else ""
+                where = f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+                raise ConfigError(str(p), line, "a JSON object", where) from e
+        return cls.from_dict({} if raw is None else raw)
+
+    @classmethod
+    def load(cls, x: Config | Mapping[str, Any] | str | os.PathLike[str] | None) -> Config:
+        """A Config from a Config (returned as is), a dict, a file path, or None (defaults)."""
+        if x is None:
+            return cls()
+        if isinstance(x, Config):
+            return x
+        if isinstance(x, Mapping):
+            return cls.from_dict(x)
+        if isinstance(x, str | os.PathLike):
+            return cls.from_file(x)
+        allowed = "a zray.Config, a dict, a path to a .json/.yaml file, or None"
+        raise ConfigError("config", x, allowed)
+
+    @classmethod
+    def _prepare(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        fields = set(cls.json_keys()) | {"bfloat16"}
+        for k, v in raw.items():
+            # zray's run settings written at the top level: point at the "zray" section.
+            if k not in fields and k not in IGNORED_KEYS and k in RunConfig.json_keys():
+                reason = f"unknown top-level key (did you mean 'zray.{k}'?)"
+                raise ConfigError(k, v, "DeepSpeed's top-level keys and 'zray'", reason)
+        if isinstance(raw.get("zero_optimization"), bool):
+            # DeepSpeed's oldest spelling: "zero_optimization": true meant stage 1.
+            warn_once("zero_optimization", "boolean form is deprecated; write {stage: N}")
+            raw["zero_optimization"] = {"stage": 1 if raw["zero_optimization"] else 0}
+        if "autotp_size" in raw:
+            # DeepSpeed also reads a top-level autotp_size; fold it into tensor_parallel.
+            tp = dict(coerce(raw.get("tensor_parallel") or {}, dict, "tensor_parallel"))
+            for k in ("autotp_size", "tp_size", "tp"):
+                if k in tp:
+                    allowed = f"one of autotp_size and tensor_parallel.{k}"
+                    raise ConfigError(
+                        "autotp_size", raw["autotp_size"], allowed, "size given twice"
+                    )
+            tp["autotp_size"] = raw.pop("autotp_size")
+            raw["tensor_parallel"] = tp
+        return raw
+
+    # ---- rules across sections ---------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.fp16.enabled and self.bf16.enabled:
+            reason = "fp16.enabled and bf16.enabled are both true"
+            raise ConfigError("fp16.enabled", True, "at most one of fp16 and bf16 enabled", reason)
+        _check_batch_keys(
+            self.train_batch_size,
+            self.train_micro_batch_size_per_gpu,
+            self.gradient_accumulation_steps,
+        )
+        if self.scheduler is not None:
+            params = dict(self.scheduler.params)
+            # "auto" values the scheduler could not resolve alone (see _config_schedulers).
+            if params.get("total_num_steps", 0) is None and self.zray.max_steps is not None:
+                params["total_num_steps"] = self.zray.max_steps
+            if params.get("warmup_max_lr", 0) is None and self.optimizer is not None:
+                params["warmup_max_lr"] = self.optimizer.lr
+            if params != self.scheduler.params:
+                object.__setattr__(self, "scheduler", replace(self.scheduler, params=params))
+
+    # ---- derived values ----------------------------------------------------------------------
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype forward and backward run in: fp16, bf16, or fp32 when neither is on."""
+        if self.fp16.enabled:
+            return torch.float16
+        if self.bf16.enabled:
+            return torch.bfloat16
+        return torch.float32
+
+    def resolve_batch(self, dp_world_size: int) -> BatchSizes:
+        """Fill in the batch triple for `dp_world_size` data-parallel ranks, by DeepSpeed's rule:
+        train_batch_size = micro * gas * dp_world_size. Any two give the third; train_batch_size
+        alone means gas 1; micro alone means gas 1; none means micro 1, gas 1."""
+        w = dp_world_size
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ConfigError("dp_world_size", w, "an integer >= 1")
+        tbs, micro, gas = (
+            self.train_batch_size,
+            self.train_micro_batch_size_per_gpu,
+            self.gradient_accumulation_steps,
+        )
+        _check_batch_keys(tbs, micro, gas)
+        world = f"data-parallel world size ({w})"
+        if tbs is not None and micro is not None and gas is not None:
+            if tbs != micro * gas * w:
+                reason = (
+                    f"{_TBS} ({tbs}) != {_MICRO} ({micro}) * {_GAS} ({gas}) * {world} "
+                    f"= {micro * gas * w}"
+                )
+                raise ConfigError(
+                    _TBS, tbs, f"{_MICRO} * {_GAS} * data-parallel world size", reason
+                )
+        elif tbs is not None and micro is not None:
+            gas = _divide(tbs, micro * w, f"{_MICRO} ({micro}) * {world}")
+        elif tbs is not None and gas is not None:
+            micro = _divide(tbs, gas * w, f"{_GAS} ({gas}) * {world}")
+        elif tbs is not None:
+            gas, micro = 1, _divide(tbs, w, world)
+        else:
+            micro = 1 if micro is None else micro
+            gas = 1 if gas is None else gas
+            tbs = micro * gas * w
+        return BatchSizes(tbs, micro, gas)
+
+
+def _check_batch_keys(tbs: int | None, micro: int | None, gas: int | None) -> None:
+    """Batch rules that hold at any world size (resolve_batch checks the rest)."""
+    if gas is not None and tbs is None and micro is None:
+        raise ConfigError(
+            _GAS,
+            gas,
+            f"{_GAS} together with {_TBS} or {_MICRO}",
+            f"{_GAS} alone cannot give the batch size; also set {_TBS} or {_MICRO}",
+        )
+    if tbs is not None and micro is not None and gas is not None and tbs % (micro * gas):
+        reason = (
+            f"{_TBS} ({tbs}) is not divisible by {_MICRO} ({micro}) * {_GAS} ({gas}) "
+            f"= {micro * gas}, so no data-parallel world size fits"
+        )
+        raise ConfigError(_TBS, tbs, f"a multiple of {_MICRO} * {_GAS}", reason)
+
+
+def _divide(tbs: int, divisor: int, what: str) -> int:
+    """tbs // divisor, or a ConfigError naming the values when it does not divide evenly."""
+    if tbs % divisor:
+        reason = f"{_TBS} ({tbs}) is not divisible by {what} = {divisor}"
+        raise ConfigError(_TBS, tbs, f"a multiple of {divisor}", reason)
+    return tbs // divisor
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON allows repeated keys and keeps the last; a repeated key in a config is a mistake that
+    # would otherwise silently drop a setting (DeepSpeed refuses them too).
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ConfigError(k, v, "each key once per object", "duplicate key")
+        out[k] = v
+    return out
+
+
+def _yaml_numbers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _yaml_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_numbers(v) for v in value]
+    if isinstance(value, str) and _YAML_EXP_FLOAT.match(value):
+        return float(value)
+    return value

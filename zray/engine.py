@@ -1,0 +1,303 @@
+"""The training engine: forward, backward and step, the way DeepSpeed users call them.
+
+[Note: one optimizer step, top to bottom] (`Engine._boundary_step`)
+1. reduce:   gradients summed over data-parallel ranks (stages 0-1 here, 2-3 during backward)
+2. measure:  sum of squares of the local gradient shard, summed over ranks (one 4-byte
+             all-reduce); it is also the overflow test, since inf/nan propagate through it
+3. skip?:    fp16 only: a non-finite sum skips the step on every rank (the one host sync)
+4. scale:    one multiply per shard = 1 / (loss scale x world) x clip coefficient, on the device
+5. update:   the torch optimizer steps this rank's fp32 master shard, then the LR schedule
+6. publish:  new master weights cast into the compute parameters and all-gathered (stages 1-2)
+7. zero:     gradient buffers cleared for the next accumulation cycle
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from zray.activation_checkpointing import apply_activation_checkpointing
+from zray.config import BatchSizes, Config
+from zray.optim import normalize_param_groups
+from zray.parallel.context import ParallelContext
+from zray.precision import LossScaler
+from zray.schedulers import build_scheduler
+from zray.zero import comm
+from zray.zero.optimizer import ZeroOptimizer
+from zray.zero.partition import StagePlan
+
+log = logging.getLogger("zray")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Engine(nn.Module):
+    """Wraps a model; `engine(batch)`, `engine.backward(loss)`, `engine.step()` train it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Config,
+        ctx: ParallelContext,
+        model_parameters: Iterable[Any] | None = None,
+        optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config, self.ctx = config, ctx
+        self.batch: BatchSizes = config.resolve_batch(ctx.dp_size)
+        self.gas = self.batch.gradient_accumulation_steps
+        self.compute_dtype: torch.dtype = config.compute_dtype
+        self.plan = StagePlan(config.zero_optimization.stage)
+
+        apply_activation_checkpointing(model, _as_policy(config.activation_checkpointing.modules))
+        model.to(ctx.device)
+        _broadcast_module(model, ctx)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            groups = [dict(g) for g in optimizer.param_groups]
+        else:
+            groups = normalize_param_groups(model, model_parameters)
+        comm_dtype = config.communication_data_type
+        self.zero = ZeroOptimizer(
+            model,
+            groups,
+            self.plan,
+            ctx,
+            compute_dtype=self.compute_dtype,
+            reduce_dtype=_DTYPES[comm_dtype] if comm_dtype else self.compute_dtype,
+            zero_cfg=config.zero_optimization,
+            optimizer_spec=config.optimizer,
+            client_optimizer=optimizer,
+        )
+        # Buffers follow the compute dtype, as DeepSpeed casts the whole module.
+        for buf_name, buf in list(model.named_buffers()):
+            if buf.is_floating_point() and buf.dtype != self.compute_dtype:
+                _set_buffer(model, buf_name, buf.to(self.compute_dtype))
+        self.module = model
+
+        self.lr_scheduler: Any = None
+        if lr_scheduler is not None:
+            self.lr_scheduler = lr_scheduler(self.zero.optimizer)
+        elif config.scheduler is not None:
+            self.lr_scheduler = build_scheduler(
+                self.zero.optimizer, config.scheduler.type, config.scheduler.resolved_params()
+            )
+        self.scaler = (
+            LossScaler.from_fp16_config(config.fp16)
+            if config.fp16.enabled
+            else LossScaler.disabled()
+        )
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.skipped_steps = 0
+        self.last_grad_norm: torch.Tensor | None = None
+
+    # ---- the DeepSpeed-shaped API -------------------------------------------------------------
+
+    @property
+    def optimizer(self) -> ZeroOptimizer:
+        return self.zero
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.zero.before_forward()
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self.zero.after_forward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """True when the next `step()` call will update parameters (DeepSpeed's meaning)."""
+        return (self.micro_steps + 1) % self.gas == 0
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+        """Backward of `loss / gradient_accumulation_steps`, scaled for fp16."""
+        scaled = loss.float() / self.gas if self.gas > 1 else loss.float()
+        if self.scaler.scale != 1.0:
+            scaled = scaled * self.scaler.scale
+        self.zero.before_backward()
+        scaled.backward(retain_graph=retain_graph)
+        self.zero.after_backward()
+        return loss
+
+    def step(self) -> None:
+        """Count a micro-step; at the accumulation boundary, update the parameters."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if boundary:
+            self._boundary_step()
+
+    def zero_grad(self) -> None:
+        self.zero.zero_grad()
+
+    def train_batch(self, data_iter: Iterator[Any]) -> torch.Tensor:
+        """Run one full step (gradient_accumulation_steps micro-batches from `data_iter`).
+
+        Returns this rank's mean loss over the micro-batches, as a detached device tensor
+        (reading it is a host sync; do that only when logging).
+        """
+        total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        for _ in range(self.gas):
+            batch = _to_device(next(data_iter), self.ctx.device)
+            out = self(**batch) if isinstance(batch, dict) else self(*_as_tuple(batch))
+            loss = extract_loss(out)
+            self.backward(loss)
+            self.step()
+            total += loss.detach().float()
+        return total / self.gas
+
+    def get_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.zero.param_groups]
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.batch.micro_batch_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.gas
+
+    def train_batch_size(self) -> int:
+        return self.batch.train_batch_size
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def _boundary_step(self) -> None:
+        zero = self.zero
+        zero.reduce_gradients()  # 1
+        sumsq = zero.grad_sumsq()  # 2
+        self.global_steps += 1
+        if self.scaler.dynamic:  # 3
+            overflow = not bool(torch.isfinite(sumsq).item())  # host sync (fp16 only)
+            self.scaler.update(overflow)
+            if overflow:
+                self.skipped_steps += 1
+                log.info(
+                    "fp16 overflow: step %d skipped, loss scale now %g",
+                    self.global_steps,
+                    self.scaler.scale,
+                )
+                zero.zero_grad()
+                return
+        else:
+            self.scaler.update(False)
+        unscale = 1.0 / (self.scaler.scale * self.ctx.dp_size)
+        norm = sumsq.sqrt() * unscale  # norm of the averaged, unscaled gradient
+        self.last_grad_norm = norm
+        factor = torch.full_like(norm, unscale)
+        clip = self.config.gradient_clipping
+        if clip > 0:
+            factor = factor * (clip / (norm + 1e-6)).clamp(max=1.0)
+        zero.scale_grads(factor)  # 4
+        zero.optimizer.step()  # 5
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        zero.publish_params()  # 6
+        zero.zero_grad()  # 7
+        if self.global_steps % self.config.steps_per_print == 0 and self.ctx.rank == 0:
+            log.info(
+                "step %d lr %s loss_scale %g", self.global_steps, self.get_lr(), self.scaler.scale
+            )
+
+    # ---- whole-model views --------------------------------------------------------------------
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full fp32 master weights (and buffers) keyed like `module.state_dict()`.
+
+        Collective: every rank must call it; every rank gets the whole dict (on CPU).
+        """
+        full_of: dict[int, torch.Tensor] = {}
+        for unit in self.zero.units:
+            whole = unit.master
+            if unit.layout.sharded:
+                whole = torch.empty(
+                    unit.layout.padded_numel, dtype=torch.float32, device=unit.master.device
+                )
+                comm.all_gather_flat(whole, unit.master, self.ctx.dp_group).wait()
+            for slot, p in zip(unit.layout.slots, unit.params, strict=True):
+                full_of[id(p)] = whole[slot.offset : slot.end].view(slot.shape).cpu().clone()
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            if id(t) in full_of:
+                out[name] = full_of[id(t)]
+            else:
+                t = t.detach().cpu()
+                out[name] = t.float() if t.is_floating_point() else t.clone()
+        return out
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients and optimizer states (incl. master)."""
+        return self.zero.held_bytes()
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, save_dir: str, tag: str | None = None, client_state: dict[str, Any] | None = None
+    ) -> str:
+        from zray.checkpoint.per_rank import save_engine
+
+        return save_engine(
+            self, save_dir, tag or f"global_step{self.global_steps}", client_state or {}
+        )
+
+    def load_checkpoint(
+        self, load_dir: str, tag: str | None = None
+    ) -> tuple[str | None, dict[str, Any]]:
+        from zray.checkpoint.per_rank import load_engine
+
+        return load_engine(self, load_dir, tag)
+
+
+def extract_loss(out: Any) -> torch.Tensor:
+    """The loss from a model's output: a tensor, a dict / ModelOutput with 'loss', or .loss."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and "loss" in out:
+        return out["loss"]
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(
+        f"model output: got {type(out).__name__}; allowed: a loss tensor, a dict or object with "
+        "a 'loss' entry, or a tuple whose first item is the loss"
+    )
+
+
+def _as_policy(modules: Any) -> str | list[str] | None:
+    return list(modules) if isinstance(modules, tuple) else modules
+
+
+def _as_tuple(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _broadcast_module(model: nn.Module, ctx: ParallelContext) -> None:
+    """Start every rank from rank 0's weights, as DeepSpeed does (a no-op for one process)."""
+    if not ctx.is_distributed:
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            comm.broadcast(t.data, 0, ctx.dp_group)
+
+
+def _set_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    owner._buffers[leaf] = value

@@ -1,0 +1,60 @@
+"""The one place where zray reads environment variables.
+
+Launchers (torchrun, `deepspeed`, zray's own local launcher, Ray workers) describe a process's
+place in the job through the usual variables; everything else in zray receives these values
+explicitly, through `DistEnv` and the `ParallelContext` built from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a distributed job, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}: got {raw!r}; allowed: an integer") from None
+
+
+def read_dist_env() -> DistEnv:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (defaults: one process)."""
+    return DistEnv(
+        rank=_int("RANK", 0),
+        world_size=_int("WORLD_SIZE", 1),
+        local_rank=_int("LOCAL_RANK", 0),
+        master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int("MASTER_PORT", 29500),
+    )
+
+
+def dist_env_is_set() -> bool:
+    """True when a launcher has described a multi-process job."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def export_dist_env(env: DistEnv) -> dict[str, str]:
+    """The variables a launcher sets for a child process (the inverse of `read_dist_env`)."""
+    return {
+        "RANK": str(env.rank),
+        "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(env.world_size),
+        "MASTER_ADDR": env.master_addr,
+        "MASTER_PORT": str(env.master_port),
+    }

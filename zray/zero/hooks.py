@@ -1,0 +1,222 @@
+"""Autograd and module hooks: gradients leave during backward (stages 2-3), and stage-3
+parameters are gathered just before a module runs and released just after.
+
+[Note: stage-3 order of events for one block]
+forward:  pre-hook gathers the block (waiting on a prefetch if one is in flight) and starts the
+          all-gather of the next block(s) in the recorded forward order; post-hook releases the
+          block and threads its outputs through `_PreBackward`.
+backward: `_PreBackward.backward` runs before any of the block's own backward: it gathers the
+          block again and prefetches the block that comes next in backward (the previous one in
+          forward). When the last of the block's gradients is accumulated, its bucket is
+          reduce-scattered and the block released.
+The first forward records the order; later steps prefetch along it. Units left gathered by an
+order that changed are released when backward ends, so a dynamic model costs time, not memory.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from zray.zero.unit import FlatUnit, UnitKind
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+class GradHooks:
+    """Stages 2-3: per-parameter post-accumulate hooks feeding unit buckets.
+
+    At most `max_inflight` buckets are in flight: launching one more first drains the oldest
+    (waits for it and adds it into the fp32 accumulator), which bounds bucket memory.
+    """
+
+    def __init__(self, units: list[FlatUnit], max_inflight: int = 2) -> None:
+        self.units = units
+        self.max_inflight = max_inflight
+        self._inflight: deque[FlatUnit] = deque()
+        self.on_unit_done: list[
+            Callable[[FlatUnit], None]
+        ] = []  # callbacks(unit) run after a unit's reduce launches
+        self._handles = []
+        for unit in units:
+            for i, (slot, p) in enumerate(zip(unit.layout.slots, unit.params, strict=True)):
+                if slot.group >= 0:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(unit, i)))
+
+    def _hook(self, unit: FlatUnit, index: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if unit.on_grad_ready(index, p):
+                self._launched(unit)
+
+        return hook
+
+    def _launched(self, unit: FlatUnit) -> None:
+        self._inflight.append(unit)
+        while len(self._inflight) > self.max_inflight:
+            self._inflight.popleft().drain_reduce()
+        for cb in self.on_unit_done:
+            cb(unit)
+
+    def finish_backward(self) -> None:
+        """Reduce what backward left partially filled (unused parameters), then drain all.
+
+        Units are visited in their fixed order so every rank launches the same collectives in
+        the same order.
+        """
+        for unit in self.units:
+            if unit.has_partial_bucket():
+                unit.launch_reduce()
+                self._inflight.append(unit)
+        while self._inflight:
+            self._inflight.popleft().drain_reduce()
+        for unit in self.units:
+            unit._ready = 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class _PreBackward(torch.autograd.Function):
+    """Identity in forward; its backward gathers the unit before the unit's own backward."""
+
+    @staticmethod
+    def forward(ctx: Any, hooks: Stage3Hooks, unit: FlatUnit, *tensors: torch.Tensor) -> Any:
+        ctx.hooks, ctx.unit = hooks, unit
+        return tensors
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        ctx.hooks.pre_backward(ctx.unit)
+        return (None, None, *grads)
+
+
+class Stage3Hooks:
+    def __init__(self, units: list[FlatUnit], prefetch_numel: int) -> None:
+        self.units = [u for u in units if u.kind is UnitKind.ON_DEMAND]
+        self.prefetch_numel = prefetch_numel
+        self.phase = Phase.IDLE
+        self.order: list[FlatUnit] = []
+        self._recording = True
+        self._handles = []
+        for unit in self.units:
+            self._handles.append(unit.module.register_forward_pre_hook(self._pre_hook(unit)))
+            self._handles.append(unit.module.register_forward_hook(self._post_hook(unit)))
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _pre_hook(self, unit: FlatUnit) -> Callable[[nn.Module, Any], None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            unit.wait_gathered()
+            if self.phase is Phase.BACKWARD:  # a recompute under activation checkpointing
+                return
+            if self._recording:
+                if unit not in self.order:
+                    self.order.append(unit)
+            else:
+                self._prefetch(unit, step=+1)
+
+        return hook
+
+    def _post_hook(self, unit: FlatUnit) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if self.phase is Phase.BACKWARD:
+                return output
+            unit.release()
+            if not torch.is_grad_enabled():
+                return output
+            return _thread_outputs(output, self, unit)
+
+        return hook
+
+    def _prefetch(self, unit: FlatUnit, step: int) -> None:
+        """Start gathers of the units after `unit` in order (`step` -1: backward order)."""
+        if unit not in self.order:
+            return
+        i = self.order.index(unit) + step
+        budget = self.prefetch_numel
+        while 0 <= i < len(self.order) and budget > 0:
+            nxt = self.order[i]
+            nxt.gather()
+            budget -= nxt.layout.padded_numel
+            i += step
+
+    # -- backward -----------------------------------------------------------------------------
+
+    def pre_backward(self, unit: FlatUnit) -> None:
+        unit.wait_gathered()
+        self._prefetch(unit, step=-1)
+
+    def on_grads_reduced(self, unit: FlatUnit) -> None:
+        if unit.kind is UnitKind.ON_DEMAND:
+            unit.release()
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def begin_forward(self) -> None:
+        self.phase = Phase.FORWARD
+
+    def end_forward(self) -> None:
+        self.phase = Phase.IDLE
+        if self.order:
+            self._recording = False
+
+    def begin_backward(self) -> None:
+        self.phase = Phase.BACKWARD
+
+    def end_backward(self) -> None:
+        self.phase = Phase.IDLE
+        for unit in self.units:
+            unit.release()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _thread_outputs(output: Any, hooks: Stage3Hooks, unit: FlatUnit) -> Any:
+    """Route every floating tensor of `output` (nested tuples/lists/dicts) through _PreBackward."""
+    flat: list[torch.Tensor] = []
+
+    def collect(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.requires_grad:
+                flat.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                collect(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                collect(y)
+
+    collect(output)
+    if not flat:
+        return output
+    new = dict(zip(map(id, flat), _PreBackward.apply(hooks, unit, *flat), strict=True))
+
+    def rebuild(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return new.get(id(x), x)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+            return type(x)(*(rebuild(y) for y in x))
+        if isinstance(x, (list, tuple)):
+            return type(x)(rebuild(y) for y in x)
+        if isinstance(x, dict):
+            out = type(x)() if type(x) is not dict else {}
+            for k, v in x.items():
+                out[k] = rebuild(v)
+            return out
+        return x
+
+    return rebuild(output)

@@ -1,0 +1,242 @@
+"""The ZeRO optimizer: flat units, their hooks, and the torch optimizer over master shards.
+
+It owns the mechanisms the engine's step calls, one per phase of the step:
+`reduce_gradients` -> `grad_sumsq` -> `scale_grads` -> `optimizer.step()` -> `publish_params`
+-> `zero_grad`. The engine decides the order and the numbers (loss scale, clipping); this class
+moves the bytes. Stage differences are read off `StagePlan` and `UnitKind`, not spread as
+`if stage ==` tests.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from zray import ops
+from zray.optim import ParamGroups, build_optimizer, group_overrides
+from zray.parallel.context import ParallelContext
+from zray.zero import comm
+from zray.zero.grouping import UnitSpec, bucket_units, module_units
+from zray.zero.hooks import GradHooks, Stage3Hooks
+from zray.zero.partition import StagePlan, build_layout
+from zray.zero.unit import FlatUnit, UnitKind
+
+
+class ZeroOptimizer:
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: ParamGroups,
+        plan: StagePlan,
+        ctx: ParallelContext,
+        compute_dtype: torch.dtype,
+        reduce_dtype: torch.dtype,
+        zero_cfg: Any,
+        optimizer_spec: Any,
+        client_optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None,
+    ) -> None:
+        self.plan, self.ctx = plan, ctx
+        group_of: dict[int, int] = {}
+        for gi, g in enumerate(groups):
+            for p in g["params"]:
+                if id(p) in group_of:
+                    raise ValueError(
+                        f"parameter appears in param groups {group_of[id(p)]} and {gi}"
+                    )
+                group_of[id(p)] = gi
+        unused = [
+            n for n, p in model.named_parameters() if p.requires_grad and id(p) not in group_of
+        ]
+        if unused:
+            warnings.warn(
+                f"{len(unused)} trainable parameters are not in model_parameters and will not be "
+                f"updated (first: {unused[0]})",
+                stacklevel=3,
+            )
+
+        if plan.partition_params:
+            specs = module_units(model, int(zero_cfg.stage3_param_persistence_threshold))
+        else:
+            specs = bucket_units(model, int(zero_cfg.reduce_bucket_size))
+        self.units = [self._make_unit(s, group_of, compute_dtype, reduce_dtype) for s in specs]
+
+        self.grad_hooks: GradHooks | None = None
+        self.stage3: Stage3Hooks | None = None
+        if plan.reduce_in_backward:
+            self.grad_hooks = GradHooks(self.units)
+        if plan.partition_params:
+            self.stage3 = Stage3Hooks(self.units, int(zero_cfg.stage3_prefetch_bucket_size))
+            assert self.grad_hooks is not None
+            self.grad_hooks.on_unit_done.append(self.stage3.on_grads_reduced)
+
+        # One optimizer tensor per (unit, group) segment of this rank's master shard.
+        self._segments: list[tuple[FlatUnit, int, int, torch.Tensor]] = []
+        seg_groups: ParamGroups = [{"params": [], **group_overrides(g)} for g in groups]
+        for unit in self.units:
+            for seg in unit.layout.segments(ctx.dp_rank):
+                t = unit.master[seg.shard_lo : seg.shard_hi]
+                self._segments.append((unit, seg.shard_lo, seg.shard_hi, t))
+                seg_groups[seg.group]["params"].append(t)
+        self.optimizer = build_optimizer(optimizer_spec, seg_groups, client_optimizer)
+        self._master_grads: dict[FlatUnit, torch.Tensor] = {}
+
+    def _make_unit(
+        self,
+        spec: UnitSpec,
+        group_of: dict[int, int],
+        compute_dtype: torch.dtype,
+        reduce_dtype: torch.dtype,
+    ) -> FlatUnit:
+        named = [(n, p.shape, group_of.get(id(p), -1)) for n, p in spec.params]
+        sharded = self.plan.partition_optimizer
+        layout = build_layout(named, self.ctx.dp_size, sharded)
+        by_name = dict(spec.params)
+        params = [by_name[s.name] for s in layout.slots]
+        if not sharded:
+            kind = UnitKind.REPLICATED
+        else:
+            kind = UnitKind.ON_DEMAND if spec.on_demand else UnitKind.KEEP_FULL
+        return FlatUnit(
+            spec.name,
+            spec.module,
+            layout,
+            params,
+            kind,
+            self.ctx,
+            compute_dtype,
+            reduce_dtype,
+            grads_in_backward=self.plan.reduce_in_backward,
+        )
+
+    # ---- micro-step hooks the engine calls ----------------------------------------------------
+
+    def before_forward(self) -> None:
+        if self.stage3 is not None:
+            self.stage3.begin_forward()
+
+    def after_forward(self) -> None:
+        if self.stage3 is not None:
+            self.stage3.end_forward()
+
+    def before_backward(self) -> None:
+        if self.grad_hooks is None:
+            for unit in self.units:
+                unit.install_grad_views()
+        if self.stage3 is not None:
+            self.stage3.begin_backward()
+
+    def after_backward(self) -> None:
+        if self.grad_hooks is not None:
+            self.grad_hooks.finish_backward()
+        if self.stage3 is not None:
+            self.stage3.end_backward()
+
+    # ---- the boundary step --------------------------------------------------------------------
+
+    def reduce_gradients(self) -> None:
+        """Sum gradients over data-parallel ranks into fp32 master gradients (not yet averaged).
+
+        Stages 0-1 communicate here, once per accumulation cycle; stages 2-3 already did during
+        backward and only point the optimizer at their fp32 accumulators.
+        """
+        if self.grad_hooks is not None:
+            self._master_grads = {u: u.grad_acc for u in self.units}  # type: ignore[misc]
+        else:
+            launched = [(u, *u.reduce_full_grads()) for u in self.units]
+            self._master_grads = {}
+            for unit, pending, out in launched:
+                pending.wait()
+                self._master_grads[unit] = out if out.dtype == torch.float32 else out.float()
+        for unit, lo, hi, t in self._segments:
+            t.grad = self._master_grads[unit][lo:hi]
+
+    def grad_sumsq(self) -> torch.Tensor:
+        """Sum of squares of the summed gradients over all ranks, as a 1-element fp32 tensor.
+
+        Non-finite values propagate (inf/nan in, inf/nan out), so the same number answers the
+        fp16 overflow question. Stage 0 gradients are whole on every rank: no communication.
+        """
+        grads = list(self._master_grads.values())
+        if self.ctx.device.type == "cpu":
+            # One pass per buffer in the compiled kernel (fp64 accumulation).
+            total = sum(ops.sumsq_nonfinite(g)[0] for g in grads)
+            out = torch.tensor([total], dtype=torch.float32)
+        elif grads:
+            norms = torch._foreach_norm(grads, 2)
+            out = torch.stack(norms).float().pow(2).sum().reshape(1)
+        else:
+            out = torch.zeros(1, dtype=torch.float32, device=self.ctx.device)
+        if self.plan.partition_optimizer:
+            comm.all_reduce_sum(out, self.ctx.dp_group).wait()
+        return out
+
+    def scale_grads(self, factor: torch.Tensor) -> None:
+        """master_grad *= factor (a device scalar: unscale, average and clip in one pass)."""
+        grads = list(self._master_grads.values())
+        if grads:
+            torch._foreach_mul_(grads, factor.reshape(()).to(grads[0].device))
+
+    def publish_params(self) -> None:
+        """Copy updated master weights into the compute parameters and all-gather them."""
+        pending = [u.publish() for u in self.units]
+        for p in pending:
+            if p is not None:
+                p.wait()
+
+    def zero_grad(self) -> None:
+        for unit in self.units:
+            unit.zero_grads()
+        for _, _, _, t in self._segments:
+            t.grad = None
+        self._master_grads = {}
+
+    # ---- torch.optim-like surface for scripts written against DeepSpeed -------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def step(self, closure: Any = None) -> None:
+        """A no-op: `engine.step()` performs the step (reduction, clipping, update).
+
+        Exists for wrappers (such as Accelerate's) that call optimizer.step() after engine.step().
+        """
+        _warn_once("ZeroOptimizer.step() does nothing; call engine.step() to update parameters")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    # ---- introspection ------------------------------------------------------------------------
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients and optimizer states right now."""
+        total = {"params": 0, "grads": 0, "optimizer": 0}
+        for unit in self.units:
+            b = unit.held_bytes()
+            total["params"] += b["params"]
+            total["grads"] += b["grads"]
+            total["optimizer"] += b["master"]
+        for state in self.optimizer.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    total["optimizer"] += v.untyped_storage().nbytes()
+        return total
+
+    def unit_of(self, p: nn.Parameter) -> FlatUnit | None:
+        return getattr(p, "_zray_unit", None)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)

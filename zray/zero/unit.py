@@ -1,0 +1,255 @@
+"""A flat unit: one set of parameters, its flat buffers and its shard state.
+
+[Note: buffers of a unit] (P = padded numel, S = shard numel = P / world, or P at stage 0)
+- `full`    [P] compute dtype. Parameters are views into it. Kept for units that are not
+            gathered on demand; at stage 3 its storage is resized to 0 when released and back
+            to P bytes when gathered, so the parameter views stay valid without re-pointing
+            (saved-for-backward views included).
+- `shard`   [S] compute dtype, stage 3 only: this rank's part of the parameters while released.
+- `master`  [S] fp32 master weights of this rank's range; aliases `full`/`shard` when the compute
+            dtype is already fp32, so fp32 training holds no second copy.
+- `grads`   [P] compute dtype, stages 0-1: parameters' .grad are views into it, autograd
+            accumulates micro-steps into it in place, and it is reduced once at the boundary.
+- `grad_acc`[S] fp32, stages 2-3: the reduced local gradient shard, accumulated over micro-steps.
+- `bucket`  [P] reduce dtype, stages 2-3, transient: filled by per-parameter hooks during backward,
+            reduce-scattered as soon as the last gradient of the unit arrives, then dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import nn
+
+from zray.parallel.context import ParallelContext
+from zray.zero import comm
+from zray.zero.partition import ParamSlot, UnitLayout
+
+
+class UnitKind(enum.Enum):
+    REPLICATED = "replicated"  # stage 0: every rank holds and updates everything
+    KEEP_FULL = "keep_full"  # stages 1-2, and small persistent parameters at stage 3
+    ON_DEMAND = "on_demand"  # stage 3: gathered before use, released after
+
+
+class ShardState(enum.Enum):
+    SHARDED = "sharded"  # only `shard` is held (ON_DEMAND units)
+    GATHERING = "gathering"  # an all-gather into `full` is in flight
+    GATHERED = "gathered"  # `full` holds every parameter
+
+
+class FlatUnit:
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        layout: UnitLayout,
+        params: list[nn.Parameter],
+        kind: UnitKind,
+        ctx: ParallelContext,
+        compute_dtype: torch.dtype,
+        reduce_dtype: torch.dtype,
+        grads_in_backward: bool,
+    ) -> None:
+        assert len(params) == len(layout.slots)
+        self.name, self.module, self.layout, self.params = name, module, layout, params
+        self.kind, self.ctx = kind, ctx
+        self.compute_dtype, self.reduce_dtype = compute_dtype, reduce_dtype
+        self.grads_in_backward = grads_in_backward
+        self.device = ctx.device
+        self.trainable = sum(1 for s in layout.slots if s.group >= 0)
+        lo, hi = layout.shard_range(ctx.dp_rank)
+        self.shard_lo, self.shard_hi = lo, hi
+
+        # Build the fp32 flat buffer from the parameters as the user made them, so the master
+        # weights keep full precision even when the compute copy is bf16/fp16.
+        flat32 = torch.zeros(layout.padded_numel, dtype=torch.float32, device=self.device)
+        for slot, p in zip(layout.slots, params, strict=True):
+            flat32[slot.offset : slot.end].copy_(p.detach().reshape(-1))
+        alias = compute_dtype == torch.float32
+        self.full = flat32 if alias else flat32.to(compute_dtype)
+        self.shard: torch.Tensor | None = None
+        if kind is UnitKind.ON_DEMAND:
+            self.shard = self.full[lo:hi].clone()
+            self.master = self.shard if alias else flat32[lo:hi].clone()
+        else:
+            self.master = self.full[lo:hi] if alias else flat32[lo:hi].clone()
+        del flat32
+        for slot, p in zip(layout.slots, params, strict=True):
+            p.data = self.full[slot.offset : slot.end].view(slot.shape)
+            p._zray_unit = self  # lets GatheredParameters find the unit of a parameter
+
+        self.grads: torch.Tensor | None = None
+        self.grad_acc: torch.Tensor | None = None
+        if grads_in_backward:
+            self.grad_acc = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
+        else:
+            self.grads = torch.zeros(layout.padded_numel, dtype=compute_dtype, device=self.device)
+            self.install_grad_views()
+        self._bucket: torch.Tensor | None = None
+        self._ready = 0  # trainable gradients received this micro-step (stages 2-3)
+        self._reduce: tuple[comm.Pending, torch.Tensor] | None = None
+        self._gather: comm.Pending | None = None
+        self.state = ShardState.GATHERED
+        if kind is UnitKind.ON_DEMAND:
+            self.release()
+
+    # ---- parameters -------------------------------------------------------------------------
+
+    def gather(self) -> None:
+        """Start the all-gather of the parameters (ON_DEMAND units; no-op otherwise)."""
+        if self.state is not ShardState.SHARDED:
+            return
+        assert self.shard is not None
+        nbytes = self.layout.padded_numel * self.full.element_size()
+        self.full.untyped_storage().resize_(nbytes)
+        # Writing into the buffer bumps the version counter that the parameter views share,
+        # which would fail autograd's saved-tensor check in backward; the values are the same
+        # parameters as in forward, so the bump is suppressed.
+        with torch.autograd._unsafe_preserve_version_counter(self.full):
+            self._gather = comm.all_gather_flat(self.full, self.shard, self.ctx.dp_group)
+        self.state = ShardState.GATHERING
+
+    def wait_gathered(self) -> None:
+        if self.state is ShardState.SHARDED:
+            self.gather()
+        if self.state is ShardState.GATHERING:
+            assert self._gather is not None
+            self._gather.wait()
+            self._gather = None
+            self.state = ShardState.GATHERED
+
+    def release(self) -> None:
+        """Free the full parameters of an ON_DEMAND unit (the shard stays)."""
+        if self.kind is not UnitKind.ON_DEMAND or self.state is ShardState.SHARDED:
+            return
+        self.wait_gathered()
+        self.full.untyped_storage().resize_(0)
+        self.state = ShardState.SHARDED
+
+    def publish(self) -> comm.Pending | None:
+        """After the optimizer step: make the compute parameters equal the new master weights."""
+        if self.kind is UnitKind.ON_DEMAND:
+            assert self.shard is not None
+            if self.master.data_ptr() != self.shard.data_ptr():
+                self.shard.copy_(self.master)
+            return None
+        local = self.full[self.shard_lo : self.shard_hi]
+        if self.master.data_ptr() != local.data_ptr():
+            local.copy_(self.master)
+        if self.kind is UnitKind.REPLICATED:
+            return None
+        return comm.all_gather_flat(self.full, local, self.ctx.dp_group)
+
+    # ---- gradients, stages 0-1 --------------------------------------------------------------
+
+    def install_grad_views(self) -> None:
+        """Point every .grad at its slice of `grads`, re-zeroing any slice the user detached.
+
+        A user's `model.zero_grad()` sets .grad to None; autograd would then allocate a fresh
+        tensor that the reduction never sees. Checking identity each micro-step is O(#params).
+        """
+        assert self.grads is not None
+        for slot, p in zip(self.layout.slots, self.params, strict=True):
+            if slot.group < 0:
+                continue
+            view = self.grads[slot.offset : slot.end].view(slot.shape)
+            g = p.grad
+            if g is None or g.data_ptr() != view.data_ptr() or g.shape != view.shape:
+                view.zero_()
+                p.grad = view
+
+    def reduce_full_grads(self) -> tuple[comm.Pending, torch.Tensor]:
+        """Boundary reduction for stages 0-1: all-reduce (stage 0) or reduce-scatter (stage 1).
+
+        Returns the pending collective and the [S] tensor that will hold the summed local range.
+        """
+        assert self.grads is not None
+        src = (
+            self.grads
+            if self.grads.dtype == self.reduce_dtype
+            else self.grads.to(self.reduce_dtype)
+        )
+        if self.kind is UnitKind.REPLICATED:
+            return comm.all_reduce_sum(src, self.ctx.dp_group), src
+        out = torch.empty(
+            self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
+        )
+        return comm.reduce_scatter_sum(out, src, self.ctx.dp_group), out
+
+    # ---- gradients, stages 2-3 --------------------------------------------------------------
+
+    def on_grad_ready(self, index: int, p: nn.Parameter) -> bool:
+        """Per-parameter hook: move .grad into the bucket; reduce the bucket once complete.
+
+        Returns True when this gradient completed the bucket and its reduce was launched.
+        """
+        slot: ParamSlot = self.layout.slots[index]
+        if self._bucket is None:
+            self._bucket = torch.zeros(
+                self.layout.padded_numel, dtype=self.reduce_dtype, device=self.device
+            )
+        assert p.grad is not None
+        self._bucket[slot.offset : slot.end].copy_(p.grad.reshape(-1))
+        p.grad = None
+        self._ready += 1
+        if self._ready < self.trainable:
+            return False
+        self.launch_reduce()
+        return True
+
+    def launch_reduce(self) -> None:
+        if self._bucket is None or self._reduce is not None:
+            return
+        out = torch.empty(
+            self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
+        )
+        self._reduce = (comm.reduce_scatter_sum(out, self._bucket, self.ctx.dp_group), out)
+        self._bucket = None  # the Pending handle keeps it alive until the collective ends
+
+    def drain_reduce(self) -> None:
+        """Wait for the bucket's reduce-scatter and add it into the fp32 accumulator."""
+        if self._reduce is None:
+            return
+        pending, out = self._reduce
+        pending.wait()
+        assert self.grad_acc is not None
+        self.grad_acc.add_(out)
+        self._reduce = None
+        self._ready = 0
+
+    def has_partial_bucket(self) -> bool:
+        return self._bucket is not None
+
+    def zero_grads(self) -> None:
+        if self.grads is not None:
+            self.grads.zero_()
+        if self.grad_acc is not None:
+            self.grad_acc.zero_()
+        self._bucket, self._reduce, self._ready = None, None, 0
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def slot_of(self, p: nn.Parameter) -> int:
+        for i, q in enumerate(self.params):
+            if q is p:
+                return i
+        raise KeyError(f"parameter is not in unit {self.name!r}")
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds now, by what they are for (see zray.zero.memory)."""
+
+        def nb(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.untyped_storage().nbytes()
+
+        params = nb(self.full) + nb(self.shard)
+        aliased = self.master.untyped_storage().data_ptr() in (
+            self.full.untyped_storage().data_ptr(),
+            None if self.shard is None else self.shard.untyped_storage().data_ptr(),
+        )
+        return {
+            "params": params,
+            "grads": nb(self.grads) + nb(self.grad_acc),
+            "master": 0 if aliased else nb(self.master),
+        }
