@@ -30,7 +30,6 @@ IGNORED_KEYS: dict[str, str] = {
     "pipeline": "pipeline parallelism is a later zray feature",
     "elasticity": "zray rescales through zray.num_workers and its controller, not DeepSpeed elasticity",
     "checkpoint": "zray checkpoints are always resharded at load; see zray.checkpoint_dir",
-    "data_types": "zray accumulates gradients in fp32",
     "sparse_gradients": "not implemented by zray",
     "sparse_attention": "not implemented by zray",
     "zero_allow_untested_optimizer": "zray builds its own optimizers",

@@ -161,6 +161,20 @@ class BF16Config(Section):
 
 
 @dataclass(frozen=True)
+class DataTypesConfig(Section):
+    """DeepSpeed's `data_types`: the dtype gradients are accumulated in across micro-steps."""
+
+    _path: ClassVar[str] = "data_types"
+
+    # None: the communication dtype (itself the compute dtype unless communication_data_type
+    # says otherwise), as DeepSpeed does. "fp32" keeps bf16/fp16 accumulation exact-ish at the
+    # cost of 2 more bytes per parameter (per rank and partitioned at stages 2-3).
+    grad_accum_dtype: str | None = field(
+        default=None, metadata=meta(choices=("fp32", "fp16", "bf16"), ignore_case=True)
+    )
+
+
+@dataclass(frozen=True)
 class OffloadConfig(Section):
     """Where a ZeRO state lives between steps. zray offloads to "cpu"; "nvme" is refused.
     `nvme_path` and `buffer_count` are read for DeepSpeed compatibility and unused."""

@@ -29,6 +29,7 @@ from zray._config_sections import (
     OPTIMIZER_PARAMS,
     ActivationCheckpointingConfig,
     BF16Config,
+    DataTypesConfig,
     FP16Config,
     OffloadConfig,
     OffloadOptimizerConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "BatchSizes",
     "Config",
     "ConfigError",
+    "DataTypesConfig",
     "FP16Config",
     "OffloadConfig",
     "OffloadOptimizerConfig",
@@ -110,6 +112,7 @@ class Config(Section):
     communication_data_type: str | None = field(
         default=None, metadata=meta(choices=("fp32", "fp16", "bf16"), ignore_case=True)
     )
+    data_types: DataTypesConfig = field(default_factory=DataTypesConfig)
     activation_checkpointing: ActivationCheckpointingConfig = field(
         default_factory=ActivationCheckpointingConfig
     )

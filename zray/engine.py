@@ -22,6 +22,7 @@ from torch import nn
 
 from zray.activation_checkpointing import apply_activation_checkpointing
 from zray.config import BatchSizes, Config
+from zray.errors import ConfigError
 from zray.optim import normalize_param_groups
 from zray.parallel.context import ParallelContext
 from zray.precision import LossScaler
@@ -62,13 +63,25 @@ class Engine(nn.Module):
         else:
             groups = normalize_param_groups(model, model_parameters)
         comm_dtype = config.communication_data_type
+        reduce_dtype = _DTYPES[comm_dtype] if comm_dtype else self.compute_dtype
+        accum = config.data_types.grad_accum_dtype
+        accum_dtype = _DTYPES[accum] if accum else reduce_dtype
+        if not self.plan.reduce_in_backward and accum_dtype != self.compute_dtype:
+            # Stages 0-1 let autograd accumulate into .grad, which is in the compute dtype.
+            raise ConfigError(
+                "data_types.grad_accum_dtype",
+                accum,
+                f"at ZeRO stages 0-1, the compute dtype ({self.compute_dtype}); other dtypes "
+                "need stage 2 or 3",
+            )
         self.zero = ZeroOptimizer(
             model,
             groups,
             self.plan,
             ctx,
             compute_dtype=self.compute_dtype,
-            reduce_dtype=_DTYPES[comm_dtype] if comm_dtype else self.compute_dtype,
+            reduce_dtype=reduce_dtype,
+            accum_dtype=accum_dtype,
             zero_cfg=config.zero_optimization,
             optimizer_spec=config.optimizer,
             client_optimizer=optimizer,

@@ -246,7 +246,8 @@ class GPT(nn.Module):
         )
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Number of unique parameters (a tied weight counts once).
+        """Number of unique parameters (a tied weight counts once), from the tensors' numel:
+        call it before any sharding replaces them (works on the meta device).
 
         ``exclude_embeddings`` drops the lookup-only tables, which cost no matmul FLOPs: the
         position embedding, and the token embedding unless it is tied to lm_head (then it is
@@ -272,6 +273,5 @@ class GPT(nn.Module):
         counted: it is overhead, not model FLOPs.
         """
         cfg = self.cfg
-        return 6 * self.num_params(exclude_embeddings=True) + 12 * cfg.n_layer * cfg.d_model * (
-            cfg.seq_len
-        )
+        attention = 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
+        return 6 * self.num_params(exclude_embeddings=True) + attention

@@ -35,6 +35,7 @@ class ZeroOptimizer:
         ctx: ParallelContext,
         compute_dtype: torch.dtype,
         reduce_dtype: torch.dtype,
+        accum_dtype: torch.dtype,
         zero_cfg: Any,
         optimizer_spec: Any,
         client_optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None,
@@ -62,7 +63,9 @@ class ZeroOptimizer:
             specs = module_units(model, int(zero_cfg.stage3_param_persistence_threshold))
         else:
             specs = bucket_units(model, int(zero_cfg.reduce_bucket_size))
-        self.units = [self._make_unit(s, group_of, compute_dtype, reduce_dtype) for s in specs]
+        self.units = [
+            self._make_unit(s, group_of, compute_dtype, reduce_dtype, accum_dtype) for s in specs
+        ]
 
         self.grad_hooks: GradHooks | None = None
         self.stage3: Stage3Hooks | None = None
@@ -90,6 +93,7 @@ class ZeroOptimizer:
         group_of: dict[int, int],
         compute_dtype: torch.dtype,
         reduce_dtype: torch.dtype,
+        accum_dtype: torch.dtype,
     ) -> FlatUnit:
         named = [(n, p.shape, group_of.get(id(p), -1)) for n, p in spec.params]
         sharded = self.plan.partition_optimizer
@@ -109,6 +113,7 @@ class ZeroOptimizer:
             self.ctx,
             compute_dtype,
             reduce_dtype,
+            accum_dtype,
             grads_in_backward=self.plan.reduce_in_backward,
         )
 
@@ -144,7 +149,11 @@ class ZeroOptimizer:
         backward and only point the optimizer at their fp32 accumulators.
         """
         if self.grad_hooks is not None:
-            self._master_grads = {u: u.grad_acc for u in self.units}  # type: ignore[misc]
+            self._master_grads = {}
+            for unit in self.units:
+                acc = unit.grad_acc
+                assert acc is not None
+                self._master_grads[unit] = acc if acc.dtype == torch.float32 else acc.float()
         else:
             launched = [(u, *u.reduce_full_grads()) for u in self.units]
             self._master_grads = {}

@@ -10,7 +10,8 @@
             dtype is already fp32, so fp32 training holds no second copy.
 - `grads`   [P] compute dtype, stages 0-1: parameters' .grad are views into it, autograd
             accumulates micro-steps into it in place, and it is reduced once at the boundary.
-- `grad_acc`[S] fp32, stages 2-3: the reduced local gradient shard, accumulated over micro-steps.
+- `grad_acc`[S] accumulation dtype (the reduce dtype unless data_types.grad_accum_dtype says
+            otherwise), stages 2-3: the reduced local gradient shard, summed over micro-steps.
 - `bucket`  [P] reduce dtype, stages 2-3, transient: filled by per-parameter hooks during backward,
             reduce-scattered as soon as the last gradient of the unit arrives, then dropped.
 """
@@ -50,6 +51,7 @@ class FlatUnit:
         ctx: ParallelContext,
         compute_dtype: torch.dtype,
         reduce_dtype: torch.dtype,
+        accum_dtype: torch.dtype,
         grads_in_backward: bool,
     ) -> None:
         assert len(params) == len(layout.slots)
@@ -83,7 +85,7 @@ class FlatUnit:
         self.grads: torch.Tensor | None = None
         self.grad_acc: torch.Tensor | None = None
         if grads_in_backward:
-            self.grad_acc = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
+            self.grad_acc = torch.zeros(hi - lo, dtype=accum_dtype, device=self.device)
         else:
             self.grads = torch.zeros(layout.padded_numel, dtype=compute_dtype, device=self.device)
             self.install_grad_views()
@@ -209,7 +211,7 @@ class FlatUnit:
         self._bucket = None  # the Pending handle keeps it alive until the collective ends
 
     def drain_reduce(self) -> None:
-        """Wait for the bucket's reduce-scatter and add it into the fp32 accumulator."""
+        """Wait for the bucket's reduce-scatter and add it into the accumulator."""
         if self._reduce is None:
             return
         pending, out = self._reduce
