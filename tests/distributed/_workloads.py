@@ -58,11 +58,13 @@ def fresh_model(seed: int = 0) -> GPT:
     return GPT(MODEL)
 
 
-def micro_batch(tokens: torch.Tensor, step: int, micro: int, rank: int, world: int) -> dict:
+def micro_batch(
+    tokens: torch.Tensor, step: int, micro: int, rank: int, world: int, device: Any = "cpu"
+) -> dict:
     """Rank `rank`'s micro-batch `micro` of global step `step`: a fixed slice of the global batch."""
     per_micro = GLOBAL_BATCH // (world * GAS)
     start = step * GLOBAL_BATCH + (micro * world + rank) * per_micro
-    return lm_batch(tokens[start : start + per_micro])
+    return {k: v.to(device) for k, v in lm_batch(tokens[start : start + per_micro]).items()}
 
 
 def reference_training() -> dict[str, torch.Tensor]:
@@ -95,7 +97,7 @@ def train(stage: int, **extra: Any) -> dict[str, Any]:
     losses = []
     for step in range(STEPS):
         for micro in range(GAS):
-            loss = engine(**micro_batch(tokens, step, micro, rank, world))
+            loss = engine(**micro_batch(tokens, step, micro, rank, world, ctx.device))
             engine.backward(loss)
             engine.step()
         losses.append(loss.item())
@@ -137,7 +139,9 @@ def memory_per_stage() -> dict[int, dict[str, Any]]:
             ),
         )
         for micro in range(GAS):
-            engine.backward(engine(**micro_batch(tokens, 0, micro, ctx.dp_rank, ctx.dp_size)))
+            engine.backward(
+                engine(**micro_batch(tokens, 0, micro, ctx.dp_rank, ctx.dp_size, ctx.device))
+            )
             engine.step()
         out[stage] = {
             "memory": engine.memory_breakdown(),
@@ -166,7 +170,7 @@ def fp16_overflow(overflow_steps: tuple[int, ...], bad_rank: int) -> dict[str, A
     for step in range(STEPS):
         before = engine.consolidated_state_dict()
         for micro in range(GAS):
-            loss = engine(**micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size))
+            loss = engine(**micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size, ctx.device))
             if step in overflow_steps and ctx.dp_rank == bad_rank and micro == GAS - 1:
                 loss = loss * float("inf")
             engine.backward(loss)

@@ -63,7 +63,7 @@ def expected(stage: int, world: int, rank: int, n_opt_tensors: int) -> dict[str,
     }
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4], ids=lambda n: f"world{n}")
 def test_bytes_follow_zero_formula(world: int) -> None:
     results = launch_local(w.memory_per_stage, world)
     for rank, per_stage in enumerate(results):
