@@ -98,21 +98,29 @@ def main() -> None:
     args = p.parse_args()
     backend = "nccl" if args.device == "cuda" else "gloo"
     ctx = zray.init_distributed(dist_backend=backend)
-    rows = [run_stage(args, int(s), ctx) for s in args.stages.split(",")]
+    rows = []
+    for s in args.stages.split(","):
+        rows.append(run_stage(args, int(s), ctx))
+        if ctx.rank == 0:
+            print("done", json.dumps(rows[-1]), flush=True)
     peaks = rows
     if ctx.is_distributed:
         gathered: list[Any] = [None] * ctx.dp_size
         torch.distributed.all_gather_object(gathered, rows)
         peaks = gathered
     if ctx.rank == 0:
-        print(f"{'stage':>5} {'loss first->last':>18} {'step s':>7} {'tok/s/dev':>10} "
-              f"{'peak GB/dev':>14} {'params/grads/optim GB (rank 0)':>32}")
+        print(
+            f"{'stage':>5} {'loss first->last':>18} {'step s':>7} {'tok/s/dev':>10} "
+            f"{'peak GB/dev':>14} {'params/grads/optim GB (rank 0)':>32}"
+        )
         for i, r in enumerate(rows):
             peak = "/".join(f"{pr[i].get('peak_gb', 0):.1f}" for pr in peaks)
             held = "/".join(f"{r['held_gb'][k]:.2f}" for k in ("params", "grads", "optimizer"))
-            print(f"{r['stage']:>5} {r['loss_first']:>8.3f} -> {r['loss_last']:<7.3f} "
-                  f"{r['step_s']:>7.3f} {r['tokens_per_s_per_device']:>10.0f} {peak:>14} "
-                  f"{held:>32}")
+            print(
+                f"{r['stage']:>5} {r['loss_first']:>8.3f} -> {r['loss_last']:<7.3f} "
+                f"{r['step_s']:>7.3f} {r['tokens_per_s_per_device']:>10.0f} {peak:>14} "
+                f"{held:>32}"
+            )
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"rows": rows, "all_ranks": peaks, "args": vars(args)}, f, indent=1)

@@ -23,9 +23,13 @@ def markov_chain(vocab_size: int, chain_seed: int = 0) -> tuple[torch.Tensor, to
             f"got {vocab_size}"
         )
     g = torch.Generator().manual_seed(chain_seed)
-    # K distinct successors per token: the first K of a random permutation of the vocabulary.
-    succ = torch.argsort(torch.rand(vocab_size, vocab_size, generator=g), dim=1)
-    return succ[:, : len(_SUCCESSOR_PROBS)].contiguous(), torch.tensor(_SUCCESSOR_PROBS)
+    k = len(_SUCCESSOR_PROBS)
+    # K distinct successors per token in O(V K) memory (a V x V permutation would be 8 GB at
+    # V = 32768): a random start plus K strictly increasing offsets, all below V, modulo V.
+    start = torch.randint(vocab_size, (vocab_size, 1), generator=g)
+    steps = torch.randint(1, max(2, vocab_size // k), (vocab_size, k), generator=g)
+    offsets = steps.cumsum(dim=1) - steps[:, :1]  # first offset 0, then increasing, < V
+    return (start + offsets) % vocab_size, torch.tensor(_SUCCESSOR_PROBS)
 
 
 def synthetic_tokens(
