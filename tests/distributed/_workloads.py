@@ -189,3 +189,79 @@ def fp16_overflow(overflow_steps: tuple[int, ...], bad_rank: int) -> dict[str, A
 
 def deepcopy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return copy.deepcopy(state)
+
+
+def resume_matches(stage: int, save_dir: str, split: int = 2) -> dict[str, Any]:
+    """Train `split` steps, save, train on; then a fresh engine loads and trains the same steps.
+
+    Returns both final states (rank 0) so the test can require them to be identical.
+    """
+    ctx = zray.init_distributed()
+    tokens = data()
+
+    def run(engine: Any, steps: range) -> None:
+        for step in steps:
+            for micro in range(GAS):
+                batch = micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size, ctx.device)
+                engine.backward(engine(**batch))
+                engine.step()
+
+    cfg = ds_config(stage, ctx.dp_size)
+    first, *_ = zray.initialize(model=fresh_model(), config=cfg)
+    run(first, range(split))
+    first.save_checkpoint(save_dir, client_state={"note": "hello"})
+    run(first, range(split, STEPS))
+    uninterrupted = first.consolidated_state_dict()
+
+    # A different initialisation, so the test fails unless the checkpoint really restores.
+    second, *_ = zray.initialize(model=fresh_model(seed=123), config=cfg)
+    path, client = second.load_checkpoint(save_dir)
+    steps_after_load = second.global_steps
+    lr_after_load = second.get_lr()
+    run(second, range(split, STEPS))
+    resumed = second.consolidated_state_dict()
+    return {
+        "uninterrupted": uninterrupted if ctx.dp_rank == 0 else None,
+        "resumed": resumed if ctx.dp_rank == 0 else None,
+        "path": path,
+        "client": client,
+        "steps_after_load": steps_after_load,
+        "lr_after_load": lr_after_load,
+    }
+
+
+def gathered_parameters(stage: int) -> dict[str, Any]:
+    """GatheredParameters: whole inside the block; modifier rank's edit persists everywhere."""
+    ctx = zray.init_distributed()
+    cfg = ds_config(stage, ctx.dp_size)
+    del cfg["scheduler"]  # warmup starts at lr 0: the step after the edit must move weights
+    engine, *_ = zray.initialize(model=fresh_model(), config=cfg)
+    weight = engine.module.blocks[0].mlp.fc.weight
+    inside_shape = None
+    with zray.zero.GatheredParameters([weight], modifier_rank=0):
+        inside_shape = tuple(weight.shape)
+        inside_sum = float(weight.detach().float().sum())
+        if ctx.dp_rank == 0:
+            with torch.no_grad():
+                weight.fill_(0.5)  # only rank 0's edit may survive
+    outside_bytes = weight.untyped_storage().nbytes()  # stage 3: released again
+    state = engine.consolidated_state_dict()
+    # Training goes on from the edited value (the master weights were updated too).
+    tokens = data()
+    for micro in range(GAS):
+        engine.backward(
+            engine(**micro_batch(tokens, 0, micro, ctx.dp_rank, ctx.dp_size, ctx.device))
+        )
+        engine.step()
+    after = engine.consolidated_state_dict()
+    return {
+        "inside_shape": inside_shape,
+        "inside_sum": inside_sum,
+        "outside_bytes": outside_bytes,
+        "edited": state["blocks.0.mlp.fc.weight"],
+        "after_step": after["blocks.0.mlp.fc.weight"],
+    }
+
+
+def train_with(stage: int, extra: dict[str, Any]) -> dict[str, Any]:
+    return train(stage, **extra)
