@@ -9,7 +9,7 @@ from zray import zero
 from zray.config import Config
 from zray.engine import Engine
 from zray.errors import ConfigError, ZrayError
-from zray.initialize import init_distributed, initialize
+from zray.initialize import add_config_arguments, init_distributed, initialize
 from zray.parallel.context import ParallelContext
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ParallelContext",
     "ZrayError",
     "__version__",
+    "add_config_arguments",
     "init_distributed",
     "initialize",
     "zero",

@@ -162,6 +162,32 @@ class Engine(nn.Module):
             total += loss.detach().float()
         return total / self.gas
 
+    # DeepSpeed engine attributes that training scripts commonly read.
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def local_rank(self) -> int:
+        return self.ctx.device.index or 0 if self.ctx.is_cuda else self.ctx.dp_rank
+
+    @property
+    def global_rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    def fp16_enabled(self) -> bool:
+        return self.compute_dtype == torch.float16
+
+    def bfloat16_enabled(self) -> bool:
+        return self.compute_dtype == torch.bfloat16
+
+    def zero_optimization_stage(self) -> int:
+        return self.plan.stage
+
     def get_lr(self) -> list[float]:
         return [float(g["lr"]) for g in self.zero.param_groups]
 

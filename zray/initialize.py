@@ -7,6 +7,7 @@ A training script written for DeepSpeed runs after `import zray as deepspeed`:
 
 from __future__ import annotations
 
+import argparse
 import datetime
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,6 +20,14 @@ from zray.config import Config
 from zray.engine import Engine
 from zray.parallel.context import ParallelContext
 from zray.parallel.context import init_distributed as _init_distributed
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """DeepSpeed's --deepspeed / --deepspeed_config command-line flags."""
+    group = parser.add_argument_group("zray", "zray / DeepSpeed configuration")
+    group.add_argument("--deepspeed", action="store_true", help="accepted; zray is always on")
+    group.add_argument("--deepspeed_config", default=None, type=str, help="config JSON or YAML")
+    return parser
 
 
 def init_distributed(

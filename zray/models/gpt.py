@@ -275,3 +275,15 @@ class GPT(nn.Module):
         cfg = self.cfg
         attention = 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
         return 6 * self.num_params(exclude_embeddings=True) + attention
+
+
+def build(size: str = "tiny", **overrides: object) -> GPT:
+    """A GPT of a named size ("tiny", "gpt_125m", "gpt_1b", "gpt_6b") with fields overridden.
+
+    The entry point run configs name: {"zray": {"model": "zray.models.gpt:build",
+    "model_kwargs": {"size": "tiny", "n_layer": 2}}}.
+    """
+    sizes = {"tiny": tiny, "gpt_125m": gpt_125m, "gpt_1b": gpt_1b, "gpt_6b": gpt_6b}
+    if size not in sizes:
+        raise ValueError(f"GPT size: got {size!r}; allowed: {', '.join(sizes)}")
+    return GPT(sizes[size]().with_(**overrides))
