@@ -230,6 +230,19 @@ def resume_matches(stage: int, save_dir: str, split: int = 2) -> dict[str, Any]:
     }
 
 
+def resume_all_stages(save_dir: str) -> dict[int, dict[str, Any]]:
+    return {stage: resume_matches(stage, f"{save_dir}/stage{stage}") for stage in range(4)}
+
+
+def gathered_all_stages() -> dict[int, dict[str, Any]]:
+    return {stage: gathered_parameters(stage) for stage in (1, 3)}
+
+
+def activation_checkpointing_stages() -> dict[int, dict[str, Any]]:
+    extra = {"activation_checkpointing": {"modules": "blocks"}}
+    return {stage: train(stage, **extra) for stage in (2, 3)}
+
+
 def gathered_parameters(stage: int) -> dict[str, Any]:
     """GatheredParameters: whole inside the block; modifier rank's edit persists everywhere."""
     ctx = zray.init_distributed()
@@ -263,5 +276,60 @@ def gathered_parameters(stage: int) -> dict[str, Any]:
     }
 
 
-def train_with(stage: int, extra: dict[str, Any]) -> dict[str, Any]:
-    return train(stage, **extra)
+def collectives_all_stages() -> dict[int, list[dict[str, int]]]:
+    return {stage: collectives_per_micro_step(stage) for stage in range(4)}
+
+
+def collectives_per_micro_step(stage: int) -> list[dict[str, int]]:
+    """Count the collectives each micro-step launches (forward + backward + step).
+
+    The counters wrap torch.distributed's functions in this process only; the collectives still
+    run for real.
+    """
+    import torch.distributed as dist
+
+    counts: dict[str, int] = {}
+
+    def counting(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    names = [
+        "all_reduce",
+        "reduce_scatter_tensor",
+        "reduce_scatter_single",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "broadcast",
+    ]
+    ctx = zray.init_distributed()
+    engine, *_ = zray.initialize(model=fresh_model(), config=ds_config(stage, ctx.dp_size))
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+    for n, fn in originals.items():
+        setattr(dist, n, counting(n, fn))
+    # zray.zero.comm bound its collectives at import: rebind them to the counting wrappers.
+    from zray.zero import comm
+
+    saved = (comm._reduce_scatter, comm._all_gather)
+    comm._reduce_scatter = (
+        getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    )
+    comm._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    tokens = data()
+    per_micro = []
+    try:
+        for step in range(2):
+            for micro in range(GAS):
+                counts.clear()
+                batch = micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size, ctx.device)
+                engine.backward(engine(**batch))
+                engine.step()
+                per_micro.append(dict(counts))
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)
+        comm._reduce_scatter, comm._all_gather = saved
+    return per_micro

@@ -11,11 +11,20 @@ from zray.launch import launch_local
 pytestmark = pytest.mark.distributed
 
 
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    return launch_local(w.resume_all_stages, 2, str(tmp_path_factory.mktemp("ckpt")))[0]
+
+
+@pytest.fixture(scope="module")
+def gathered() -> list[dict[int, dict]]:
+    return launch_local(w.gathered_all_stages, 2)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_resume_equals_uninterrupted(stage: int, tmp_path: object) -> None:
+def test_resume_equals_uninterrupted(stage: int, resumed: dict[int, dict]) -> None:
     """Per-rank save at step 2 of 5, load into a differently initialised engine: bit-identical."""
-    results = launch_local(w.resume_matches, 2, stage, str(tmp_path))
-    r0 = results[0]
+    r0 = resumed[stage]
     for k, v in r0["uninterrupted"].items():
         assert torch.equal(v, r0["resumed"][k]), k
     assert r0["client"] == {"note": "hello"}
@@ -24,8 +33,8 @@ def test_resume_equals_uninterrupted(stage: int, tmp_path: object) -> None:
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_gathered_parameters_modifier_rank(stage: int) -> None:
-    results = launch_local(w.gathered_parameters, 2, stage)
+def test_gathered_parameters_modifier_rank(stage: int, gathered: list[dict[int, dict]]) -> None:
+    results = [per_rank[stage] for per_rank in gathered]
     fc = w.fresh_model().blocks[0].mlp.fc.weight
     for r in results:
         assert r["inside_shape"] == tuple(fc.shape)
@@ -36,14 +45,34 @@ def test_gathered_parameters_modifier_rank(stage: int) -> None:
     assert held == [0, 0] if stage == 3 else all(b >= 4 * fc.numel() for b in held)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_activation_checkpointing_matches_reference(stage: int) -> None:
+def test_activation_checkpointing_matches_reference() -> None:
     """Checkpointed blocks recompute during backward (at stage 3, with gathered parameters)."""
-    results = launch_local(
-        w.train_with, 2, stage, {"activation_checkpointing": {"modules": "blocks"}}
-    )
+    results = launch_local(w.activation_checkpointing_stages, 2)[0]
     ref = w.reference_training()
-    state = results[0]["state"]
+    for stage, run in results.items():
+        _close_to_reference(run["state"], ref, stage)
+
+
+def _close_to_reference(state: dict, ref: dict, stage: int) -> None:
     for k in ref:
         err = float((state[k] - ref[k]).norm() / ref[k].norm())
-        assert err <= 1e-5, (k, err)
+        assert err <= 1e-5, (stage, k, err)
+
+
+@pytest.fixture(scope="module")
+def collectives() -> dict[int, list[dict[str, int]]]:
+    return launch_local(w.collectives_all_stages, 2)[0]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_delayed_gradient_sync(stage: int, collectives: dict) -> None:
+    """Stages 0-1 communicate nothing on non-boundary micro-steps; stages 2-3 reduce-scatter
+    during every backward (their gradients are partitioned)."""
+    per_micro = collectives[stage]
+    non_boundary, boundary = per_micro[0::2], per_micro[1::2]
+    if stage in (0, 1):
+        assert all(c == {} for c in non_boundary), non_boundary
+    else:
+        assert all(sum(k.startswith("reduce_scatter") for k in c) for c in non_boundary)
+    grad_op = "all_reduce" if stage == 0 else "reduce_scatter"
+    assert all(any(k.startswith(grad_op) for k in c) for c in boundary), boundary

@@ -6,6 +6,7 @@ and world sizes 1..8) check the invariants against a reference written here from
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -198,7 +199,7 @@ def _check_layout(named: Named, world: int) -> None:
     # Shard ranges tile [0, padded) in rank order.
     ranges = [lay.shard_range(r) for r in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == lay.padded_numel
-    for (a0, a1), (b0, b1) in zip(ranges, ranges[1:], strict=False):
+    for (a0, a1), (b0, b1) in itertools.pairwise(ranges):
         assert a1 == b0 and a1 - a0 == lay.shard_numel and b1 - b0 == lay.shard_numel
 
     # Which group each element belongs to (None: padding).
@@ -245,7 +246,7 @@ def _check_layout(named: Named, world: int) -> None:
             if got is not None:
                 pieces.append(got)
         assert sum(b - a for a, b in pieces) == slot.numel
-        for (a0, a1), (b0, b1) in zip(pieces, pieces[1:], strict=False):
+        for (_, a1), (b0, _) in itertools.pairwise(pieces):
             assert a1 == b0
         if pieces:
             assert pieces[0][0] == 0 and pieces[-1][1] == slot.numel

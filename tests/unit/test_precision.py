@@ -19,6 +19,8 @@ sequences are strict xfails (zray still follows the older boundary).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from zray import Config
@@ -123,10 +125,10 @@ def test_window_growth_repeats_every_window() -> None:
     scales = _run(s, "G" * 30)
     # 30 good steps from the start: 9 or 10 doublings by either boundary, never more often.
     assert scales[-1] in (256.0 * 2**9, 256.0 * 2**10)
-    for a, b in zip(scales, scales[1:], strict=False):
+    for a, b in itertools.pairwise(scales):
         assert b in (a, 2 * a)
     grow_steps = [i for i in range(1, 30) if scales[i] != scales[i - 1]]
-    assert all(b - a == 3 for a, b in zip(grow_steps, grow_steps[1:], strict=False))
+    assert all(b - a == 3 for a, b in itertools.pairwise(grow_steps))
 
 
 def test_window_growth_restores_hysteresis() -> None:
