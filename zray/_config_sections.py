@@ -94,6 +94,13 @@ class OptimizerConfig(Section):
                 "true (or leave it out)",
                 "AdamW always decouples weight decay; use type Adam for L2-style decay",
             )
+        if not self.bias_correction:
+            raise ConfigError(
+                "optimizer.params.bias_correction",
+                False,
+                "true (or leave it out)",
+                "zray steps with torch's Adam/AdamW, which always corrects the bias",
+            )
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ConfigError(
                 "optimizer.params.nesterov",

@@ -27,6 +27,12 @@ def normalize_param_groups(model: nn.Module, model_parameters: Iterable[Any] | N
     """
     if model_parameters is None:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if isinstance(model_parameters, torch.Tensor):
+        # list() would split it into rows: say what was meant instead of failing later.
+        raise ValueError(
+            f"model_parameters: got a single tensor of shape {tuple(model_parameters.shape)}; "
+            "allowed: an iterable of parameters, of (name, parameter) pairs or of param groups"
+        )
     items = list(model_parameters)
     if items and all(isinstance(x, dict) for x in items):
         groups = []
@@ -36,6 +42,12 @@ def normalize_param_groups(model: nn.Module, model_parameters: Iterable[Any] | N
             params = g["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
             params = [p[1] if isinstance(p, tuple) else p for p in params]
+            for j, p in enumerate(params):
+                if not isinstance(p, torch.Tensor):
+                    raise ValueError(
+                        f"model_parameters[{i}]['params'][{j}]: got {type(p).__name__}; "
+                        "allowed: parameters"
+                    )
             groups.append({**g, "params": params})
         return groups
     params = [x[1] if isinstance(x, tuple) else x for x in items]

@@ -5,8 +5,9 @@ DeepSpeed's rule, so a DeepSpeed fp16 config behaves the same here:
 - on overflow (a non-finite gradient anywhere, on any rank) the step is skipped; the scale is
   halved only once `hysteresis` overflows have been absorbed since the last reset, and never
   below `min_loss_scale`; at the minimum, a further overflow is an error (training diverged);
-- after `loss_scale_window` steps without overflow the scale doubles and the hysteresis budget
-  is restored (with `consecutive_hysteresis`, it is restored after every good step instead).
+- once `loss_scale_window` steps have passed without overflow (counted as DeepSpeed counts its
+  "stable interval", which excludes the first step after an overflow) the scale doubles and the
+  hysteresis budget is restored (with `consecutive_hysteresis`, after every good step instead).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ class LossScaler:
         else:
             if self.consecutive_hysteresis:
                 self.hysteresis_left = self.hysteresis
-            if (self.iteration - self.last_overflow_iter) % self.window == 0:
+            # Steps without overflow since the last one (DeepSpeed's "stable interval").
+            stable = self.iteration - self.last_overflow_iter - 1
+            if stable > 0 and stable % self.window == 0:
                 if not self.consecutive_hysteresis:
                     self.hysteresis_left = self.hysteresis
                 self.scale *= self.factor

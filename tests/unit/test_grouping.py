@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 from torch import nn
 
@@ -131,12 +130,6 @@ def test_block_modules_none_without_module_lists() -> None:
     assert block_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="block_modules: a root that is itself an nn.ModuleList is recorded as taken name '' "
-    "and the outermost check name.startswith('' + '.') matches nothing, so lists nested "
-    "inside its children are reported as blocks too",
-)
 def test_block_modules_root_module_list() -> None:
     model = nn.ModuleList([Inner(), nn.Linear(2, 2)])
     assert [n for n, _ in block_modules(model)] == ["0", "1"]
@@ -260,12 +253,6 @@ class TiedBlockAndRoot(nn.Module):
         self.head.weight = self.blocks[0].lin.weight
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="module_units: owners are computed over blocks only, so a parameter shared between "
-    "one block and a root-level module is put in that block's unit; stage 3 releases it after "
-    "the block's forward while the root module still uses it",
-)
 def test_module_units_parameter_tied_between_block_and_root_goes_to_root() -> None:
     model = TiedBlockAndRoot()
     specs = {s.name: _names(s) for s in module_units(model, persistence_threshold=0)}

@@ -230,35 +230,20 @@ def test_no_optimizer_is_an_error() -> None:
     assert "optimizer=" in msg
 
 
-# ---- known gaps (strict xfails: they pass once the source is fixed) --------------------------
+# ---- input checks --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="normalize_param_groups calls list() on a bare tensor: model_parameters=model.weight "
-    "is split into row views (non-leaf tensors) instead of raising a clear error",
-)
 def test_bare_tensor_is_an_error() -> None:
     m = nn.Linear(2, 3)
     with pytest.raises(ValueError, match=r"model_parameters"):
         normalize_param_groups(m, m.weight)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="normalize_param_groups does not check the entries of a group's 'params': "
-    "[{'params': ['oops']}] passes through and fails later inside torch.optim",
-)
 def test_bad_entry_inside_a_group_names_the_index() -> None:
     with pytest.raises(ValueError, match=r"model_parameters\[0\]"):
         normalize_param_groups(nn.Linear(2, 3), [{"params": ["oops"]}])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optimizer.params.bias_correction is accepted by the config and silently ignored: "
-    "build_optimizer always builds bias-corrected torch Adam/AdamW",
-)
 def test_adam_bias_correction_false_is_honoured_or_refused() -> None:
     params = {**ADAM, "weight_decay": 0.0, "bias_correction": False}
     try:

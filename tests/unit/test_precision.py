@@ -13,8 +13,7 @@ The window boundary moved upstream: DeepSpeed long used
 `(cur_iter - last_overflow_iter) % scale_window == 0`; current DeepSpeed (deepspeedai/DeepSpeed
 master) uses `stable_interval = cur_iter - last_overflow_iter - 1` and grows only when
 `stable_interval > 0 and stable_interval % scale_window == 0`, i.e. on the first good step after
-`scale_window` good steps. Tests that hold under both rules pass; the current rule's exact
-sequences are strict xfails (zray still follows the older boundary).
+`scale_window` good steps. zray follows the current rule; the sequences below pin it.
 """
 
 from __future__ import annotations
@@ -143,12 +142,6 @@ def test_window_growth_restores_hysteresis() -> None:
     assert s.hysteresis_left == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="zray grows at (iteration - last_overflow_iter) % window == 0; current DeepSpeed's "
-    "DynamicLossScaler grows only when stable_interval = iteration - last_overflow_iter - 1 "
-    "is > 0 and a multiple of window (one good step later)",
-)
 def test_window_growth_from_start_current_deepspeed() -> None:
     # window 3, no overflow yet (last_overflow_iter -1): stable_interval == cur_iter, so the
     # scale doubles at cur_iter 3 and 6 (the 4th and 7th good steps).
@@ -156,11 +149,6 @@ def test_window_growth_from_start_current_deepspeed() -> None:
     assert _run(s, "GGGGGGG") == [256.0, 256.0, 256.0, 512.0, 512.0, 512.0, 1024.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="zray doubles the scale after `window` good steps following an overflow; current "
-    "DeepSpeed waits for window + 1 (stable_interval = cur_iter - last_overflow_iter - 1)",
-)
 def test_window_growth_after_overflow_current_deepspeed() -> None:
     # Overflow at cur_iter 0; stable_interval at cur_iter 1..4 is 0, 1, 2, 3 -> grow at 4.
     s = _dynamic(hysteresis=1, window=3)

@@ -55,8 +55,8 @@ def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList):
             continue
-        if any(name.startswith(t + ".") for t in taken):
-            continue
+        if any(t == "" or name.startswith(t + ".") for t in taken):
+            continue  # inside a list already taken (the root itself may be the list)
         taken.append(name)
         found.extend((f"{name}.{child}" if name else child, m) for child, m in mod.named_children())
     return found
@@ -71,6 +71,15 @@ def module_units(model: nn.Module, persistence_threshold: int) -> list[UnitSpec]
             # A parameter reachable from two blocks (tied across blocks) goes to the root,
             # which is gathered around the whole forward.
             owner_of[id(p)] = "" if owner_of.get(id(p), bname) != bname else bname
+    # So does one that a module outside every block also uses (an output head tied to a
+    # block's weight): a block's unit is released after the block runs.
+    block_prefixes = tuple(f"{bname}." for bname, _ in blocks)
+    block_names = {bname for bname, _ in blocks}
+    for mname, mod in model.named_modules():
+        if mname in block_names or mname.startswith(block_prefixes):
+            continue
+        for p in mod.parameters(recurse=False):
+            owner_of[id(p)] = ""
     per_unit: dict[str, list[tuple[str, nn.Parameter]]] = {"": []}
     per_unit.update({bname: [] for bname, _ in blocks})
     persistent: list[tuple[str, nn.Parameter]] = []
