@@ -69,6 +69,7 @@ def run_stage(args: argparse.Namespace, stage: int, ctx: zray.ParallelContext) -
         "params": n_params,
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "losses": losses,
         "step_s": step_s,
         "tokens_per_s_per_device": b * cfg.seq_len / step_s,
         "held_gb": {k: v / 2**30 for k, v in engine.memory_breakdown().items()},
