@@ -333,3 +333,43 @@ def collectives_per_micro_step(stage: int) -> list[dict[str, int]]:
             setattr(dist, n, fn)
         comm._reduce_scatter, comm._all_gather = saved
     return per_micro
+
+
+def decay_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Hugging Face's usual split: weight decay on matrices, none on norms and embeddings."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+
+def reference_param_groups() -> dict[str, torch.Tensor]:
+    model = fresh_model()
+    opt = torch.optim.AdamW(decay_groups(model), lr=LR)
+    tokens = data()
+    for step in range(STEPS):
+        opt.zero_grad()
+        lm = lm_batch(tokens[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH])
+        model(**lm).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def param_groups_all_stages() -> dict[int, dict[str, torch.Tensor] | None]:
+    """Two param groups with different weight decay, at every stage (segments per group)."""
+    ctx = zray.init_distributed()
+    out = {}
+    tokens = data()
+    for stage in range(4):
+        cfg = ds_config(stage, ctx.dp_size)
+        del cfg["scheduler"]
+        model = fresh_model()
+        engine, *_ = zray.initialize(model=model, model_parameters=decay_groups(model), config=cfg)
+        for step in range(STEPS):
+            for micro in range(GAS):
+                batch = micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size, ctx.device)
+                engine.backward(engine(**batch))
+                engine.step()
+        state = engine.consolidated_state_dict()
+        out[stage] = state if ctx.dp_rank == 0 else None
+    return out

@@ -76,3 +76,12 @@ def test_delayed_gradient_sync(stage: int, collectives: dict) -> None:
         assert all(sum(k.startswith("reduce_scatter") for k in c) for c in non_boundary)
     grad_op = "all_reduce" if stage == 0 else "reduce_scatter"
     assert all(any(k.startswith(grad_op) for k in c) for c in boundary), boundary
+
+
+def test_param_groups_with_different_weight_decay() -> None:
+    """Hugging Face-style decay / no-decay groups: each rank's shard spans both groups, and every
+    stage equals single-process AdamW with the same groups."""
+    results = launch_local(w.param_groups_all_stages, 2)[0]
+    ref = w.reference_param_groups()
+    for stage, state in results.items():
+        _close_to_reference(state, ref, stage)
