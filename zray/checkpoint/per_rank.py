@@ -42,6 +42,11 @@ def _layout_signature(engine: Engine) -> list[list[Any]]:
 def save_engine(engine: Engine, save_dir: str, tag: str, client_state: dict[str, Any]) -> str:
     ctx = engine.ctx
     folder = Path(save_dir) / tag
+    if ctx.dp_rank == 0 and (folder / "meta.json").exists():
+        # Saving over an existing tag: un-commit it first, so a crash while the shards are
+        # rewritten leaves an incomplete tag (never loaded) rather than a mixed one.
+        (folder / "meta.json").unlink()
+    comm.barrier(ctx.dp_group)
     state = {
         "format": FORMAT,
         "master": [u.master.detach().cpu() for u in engine.zero.units],
