@@ -9,6 +9,7 @@ from zray import zero
 from zray.config import Config
 from zray.engine import Engine
 from zray.errors import ConfigError, ZrayError
+from zray.fit import FitResult, fit
 from zray.initialize import add_config_arguments, init_distributed, initialize
 from zray.parallel.context import ParallelContext
 
@@ -16,10 +17,12 @@ __all__ = [
     "Config",
     "ConfigError",
     "Engine",
+    "FitResult",
     "ParallelContext",
     "ZrayError",
     "__version__",
     "add_config_arguments",
+    "fit",
     "init_distributed",
     "initialize",
     "zero",

@@ -383,6 +383,19 @@ class RunConfig(Section):
     seed: int = field(default=0, metadata=meta(ge=0))
     checkpoint_dir: str | None = None
     log_interval: int = field(default=1, metadata=meta(ge=1))
+    # Fault tolerance: a checkpoint every `checkpoint_interval` steps bounds the work a failure
+    # loses; the last `keep_last` committed ones are kept; `max_failures` restarts are allowed.
+    checkpoint_interval: int | None = field(default=None, metadata=meta(gt=0))
+    keep_last: int = field(default=2, metadata=meta(ge=1))
+    async_checkpoint: bool = False
+    max_failures: int = field(default=3, metadata=meta(ge=0))
+    use_gpu: bool = False
+    # How often the controller polls its workers, and how long a collective may block before a
+    # worker declares the group broken (then the controller restarts it).
+    poll_interval_s: float = field(default=0.5, metadata=meta(gt=0))
+    collective_timeout_s: float = field(default=300.0, metadata=meta(gt=0))
+    # Seconds the whole group may take to start (actors placed, process group formed).
+    start_timeout_s: float = field(default=120.0, metadata=meta(gt=0))
 
     def _check(self) -> None:
         if self.model is not None and not _MODEL_SPEC.match(self.model):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -13,17 +12,14 @@ from zray.errors import ZrayError
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from zray.local_run import fit_local
+    from zray.fit import fit
 
-    cfg = Config.load(args.config)
-    run_changes = {}
-    if args.workers is not None:
-        run_changes["num_workers"] = args.workers
-    if args.steps is not None:
-        run_changes["max_steps"] = args.steps
-    if run_changes:
-        cfg = dataclasses.replace(cfg, zray=dataclasses.replace(cfg.zray, **run_changes))
-    result = fit_local(cfg)
+    result = fit(
+        config=Config.load(args.config),
+        num_workers=args.workers,
+        max_steps=args.steps,
+        address=args.address,
+    )
     print(
         json.dumps(
             {
@@ -32,6 +28,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 "final_loss": result.final_loss,
                 "tokens_per_s": result.tokens_per_s,
                 "checkpoint": result.checkpoint,
+                "restarts": result.restarts,
             }
         )
     )
@@ -70,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("config", help="JSON or YAML: DeepSpeed keys plus a 'zray' run section")
     fit.add_argument("--workers", type=int, default=None, help="override zray.num_workers")
     fit.add_argument("--steps", type=int, default=None, help="override zray.max_steps")
+    fit.add_argument(
+        "--address",
+        default=None,
+        help="join this Ray cluster (default: start an embedded local one)",
+    )
     fit.set_defaults(fn=_cmd_fit)
     report = sub.add_parser("report", help="environment, devices and compiled kernels")
     report.set_defaults(fn=_cmd_report)

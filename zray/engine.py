@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,9 +147,15 @@ class Engine(nn.Module):
     def zero_grad(self) -> None:
         self.zero.zero_grad()
 
-    def train_batch(self, data_iter: Iterator[Any]) -> torch.Tensor:
+    def train_batch(
+        self,
+        data_iter: Iterator[Any],
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Run one full step (gradient_accumulation_steps micro-batches from `data_iter`).
 
+        A dict batch is passed as keyword arguments, anything else positionally. The loss is
+        `loss_fn(outputs, batch)` when given, else the model's own (see `extract_loss`).
         Returns this rank's mean loss over the micro-batches, as a detached device tensor
         (reading it is a host sync; do that only when logging).
         """
@@ -156,7 +163,7 @@ class Engine(nn.Module):
         for _ in range(self.gas):
             batch = _to_device(next(data_iter), self.ctx.device)
             out = self(**batch) if isinstance(batch, dict) else self(*_as_tuple(batch))
-            loss = extract_loss(out)
+            loss = loss_fn(out, batch) if loss_fn is not None else extract_loss(out)
             self.backward(loss)
             self.step()
             total += loss.detach().float()
@@ -276,20 +283,51 @@ class Engine(nn.Module):
     # ---- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(
-        self, save_dir: str, tag: str | None = None, client_state: dict[str, Any] | None = None
+        self,
+        save_dir: str,
+        tag: str | int | None = None,
+        client_state: dict[str, Any] | None = None,
+        keep_last: int | None = None,
     ) -> str:
-        from zray.checkpoint.per_rank import save_engine
+        """Write this rank's shard of a checkpoint of step `tag` (default: global_steps).
 
-        return save_engine(
-            self, save_dir, tag or f"global_step{self.global_steps}", client_state or {}
-        )
+        Every rank calls it; rank 0 returns once the checkpoint is committed (all shards in,
+        checksums verified). The format loads at any world size and ZeRO stage.
+        """
+        from zray.checkpoint.engine_state import capture
+        from zray.checkpoint.writer import save_shard
+
+        step = self.global_steps if tag is None else _step_of(tag)
+        shard = capture(self, client_state=client_state)
+        return str(save_shard(save_dir, step, shard, keep_last=keep_last))
 
     def load_checkpoint(
-        self, load_dir: str, tag: str | None = None
+        self, load_dir: str, tag: str | int | None = None
     ) -> tuple[str | None, dict[str, Any]]:
-        from zray.checkpoint.per_rank import load_engine
+        """Load the newest valid checkpoint under `load_dir` (or step `tag`), resharding it onto
+        this engine's world size and stage. Returns (path, this rank's client_state), or
+        (None, {}) when there is none, as DeepSpeed does."""
+        from zray.checkpoint.engine_state import restore
+        from zray.checkpoint.reader import CheckpointReader, latest_valid
 
-        return load_engine(self, load_dir, tag)
+        if tag is None:
+            found = latest_valid(load_dir)
+        else:
+            found = Path(load_dir) / f"step_{_step_of(tag):08d}"
+        if found is None:
+            return None, {}
+        reader = CheckpointReader(found)
+        restore(self, reader)
+        mine = reader.rank_state(self.ctx.dp_rank) or {}
+        return str(found), dict(mine.get("client_state") or {})
+
+
+def _step_of(tag: str | int) -> int:
+    """DeepSpeed tags such as "global_step100", or a plain step number."""
+    text = str(tag).removeprefix("global_step").removeprefix("step_")
+    if not text.isdigit():
+        raise ValueError(f"checkpoint tag: got {tag!r}; allowed: a step number or 'global_stepN'")
+    return int(text)
 
 
 def extract_loss(out: Any) -> torch.Tensor:

@@ -29,7 +29,7 @@ def test_resume_equals_uninterrupted(stage: int, resumed: dict[int, dict]) -> No
         assert torch.equal(v, r0["resumed"][k]), k
     assert r0["client"] == {"note": "hello"}
     assert r0["steps_after_load"] == 2
-    assert r0["path"].endswith("global_step2")
+    assert r0["path"].endswith("step_00000002")
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -22,7 +22,7 @@ from zray.parallel.context import ParallelContext
 from zray.zero import comm
 from zray.zero.grouping import UnitSpec, bucket_units, module_units
 from zray.zero.hooks import GradHooks, Stage3Hooks
-from zray.zero.partition import StagePlan, build_layout
+from zray.zero.partition import Segment, StagePlan, build_layout
 from zray.zero.unit import FlatUnit, UnitKind
 
 
@@ -78,11 +78,14 @@ class ZeroOptimizer:
 
         # One optimizer tensor per (unit, group) segment of this rank's master shard.
         self._segments: list[tuple[FlatUnit, int, int, torch.Tensor]] = []
+        # (unit index, group) -> (the segment, its optimizer tensor): checkpoints slice states.
+        self.segment_tensors: dict[tuple[int, int], tuple[Segment, torch.Tensor]] = {}
         seg_groups: ParamGroups = [{"params": [], **group_overrides(g)} for g in groups]
-        for unit in self.units:
+        for ui, unit in enumerate(self.units):
             for seg in unit.layout.segments(ctx.dp_rank):
                 t = unit.master[seg.shard_lo : seg.shard_hi]
                 self._segments.append((unit, seg.shard_lo, seg.shard_hi, t))
+                self.segment_tensors[(ui, seg.group)] = (seg, t)
                 seg_groups[seg.group]["params"].append(t)
         self.optimizer = build_optimizer(optimizer_spec, seg_groups, client_optimizer)
         self._master_grads: dict[FlatUnit, torch.Tensor] = {}

@@ -22,7 +22,7 @@ def zray(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.distributed
+@pytest.mark.cluster
 def test_fit_demo_config_trains(tmp_path: Path) -> None:
     cfg = json.loads((ROOT / "examples" / "tiny_gpt.json").read_text())
     cfg["zray"].update(max_steps=30, checkpoint_dir=str(tmp_path / "ckpt"))
@@ -32,9 +32,8 @@ def test_fit_demo_config_trains(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["steps"] == 30
-    first = float(out.stdout.split("loss ")[1].split()[0])
-    assert summary["final_loss"] < first - 1.0  # 5.5 (uniform over 256) falls fast
-    assert (tmp_path / "ckpt" / "global_step30" / "meta.json").exists()
+    assert summary["final_loss"] < 3.0  # from ~5.5 (uniform over 256)
+    assert (tmp_path / "ckpt" / "step_00000030" / "COMMITTED").exists()
 
 
 def test_report_lists_kernels() -> None:

@@ -1,0 +1,55 @@
+"""The canonical, world-size-independent form of one rank's training state.
+
+A rank holds contiguous element ranges of some parameters (at stage 0 every rank holds all of
+them; at stages 1-3 each holds 1/N of each flat unit). Whatever the stage and world size, that
+is a list of `ParamRange`s: (parameter name, flat range inside the parameter, fp32 tensors for
+that range). Saving writes these ranges; loading asks for the ranges the new layout needs and
+assembles them from whichever saved ranges overlap. That is all resharding is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Keys of a ParamRange's tensors: the fp32 master weights, plus the optimizer's element-wise
+# state under its own names (Adam: "exp_avg", "exp_avg_sq"; SGD: "momentum_buffer").
+MASTER = "master"
+
+
+@dataclass
+class ParamRange:
+    name: str  # the parameter's name in model.named_parameters() (first name of a tied one)
+    shape: tuple[int, ...]  # the whole parameter's shape
+    lo: int  # flat element range [lo, hi) inside the parameter
+    hi: int
+    tensors: dict[str, torch.Tensor]  # key -> fp32 tensor of hi - lo elements (CPU)
+
+    def __post_init__(self) -> None:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        assert 0 <= self.lo < self.hi <= numel, (self.name, self.lo, self.hi, self.shape)
+        for k, t in self.tensors.items():
+            assert t.numel() == self.hi - self.lo, (self.name, k, t.numel(), self.hi - self.lo)
+
+
+@dataclass
+class RankShard:
+    """Everything one rank saves. Global entries (`engine`, `sampler`) are taken from rank 0."""
+
+    rank: int
+    world_size: int
+    zero_stage: int
+    ranges: list[ParamRange]
+    # Optimizer scalars shared by all elements (Adam's "step"), per param group.
+    group_scalars: list[dict[str, float]] = field(default_factory=list)
+    # Param group hyperparameters (lr, betas, weight_decay, ...), without the params.
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
+    # Engine counters, loss scaler and LR scheduler state: identical on every rank.
+    engine: dict[str, Any] = field(default_factory=dict)
+    sampler: dict[str, Any] | None = None
+    rng: dict[str, Any] = field(default_factory=dict)  # this rank's RNG states
+    client_state: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Ray: worker actors, the controller actor (a state machine), and failure policies."""

@@ -1,0 +1,149 @@
+"""The controller: a state machine that starts the worker group, watches it, and recovers.
+
+`Controller.step()` runs one iteration (one state's work) and returns the new state, so tests
+drive it one step at a time with a fake WorkerGroup. `ControllerActor` runs the loop in Ray.
+
+[Note: recovery] Any worker failure (its process or node gone, an exception, a collective
+timeout surfacing as an exception) ends the whole group: survivors are blocked in collectives
+with a dead peer and cannot continue. The failure policy decides restart or give up; a restart
+tears the group down, starts a new one on the resources there are, and every rank resumes from
+the last committed checkpoint. With the same world size, replayed steps are bit-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from zray.cluster.group import GroupStartError, WorkerGroup
+from zray.cluster.policy import Action, Decision, Failure, FailurePolicy
+from zray.cluster.state import RunState, check_transition
+from zray.cluster.train_loop import Report, RunOutcome
+from zray.errors import ZrayError
+
+log = logging.getLogger("zray.controller")
+
+
+class RunFailedError(ZrayError):
+    """The run gave up: one report merging what every failed rank said."""
+
+    def __init__(self, decision: Decision, failures: list[Failure]) -> None:
+        self.decision, self.failures = decision, failures
+        ranks = sorted({f.rank for f in failures})
+        lines = [f"training failed ({decision.reason}); failed ranks: {ranks}"]
+        for f in failures:
+            lines.append(f"--- rank {f.rank} ({f.kind}) ---\n{f.message.rstrip()}")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[type, tuple[Decision, list[Failure]]]:
+        # Crosses from the controller actor to the driver: rebuild from the parts.
+        return (RunFailedError, (self.decision, self.failures))
+
+
+@dataclass
+class RunStatus:
+    state: RunState
+    step: int = 0
+    loss: float | None = None
+    tokens_per_s: float = 0.0
+    world_size: int = 0
+    restarts: int = 0
+    checkpoint_step: int | None = None
+    worker_pids: list[int] = field(default_factory=list)
+    decisions: list[str] = field(default_factory=list)  # every decision, with its reason
+    error: str | None = None
+
+
+class Controller:
+    def __init__(
+        self,
+        make_group: Callable[[int], WorkerGroup],
+        num_workers: int,
+        policy: FailurePolicy,
+        latest_checkpoint: Callable[[], str | None],
+    ) -> None:
+        self.make_group, self.num_workers, self.policy = make_group, num_workers, policy
+        self.latest_checkpoint = latest_checkpoint
+        self.state = RunState.INITIALIZING
+        self.group: WorkerGroup | None = None
+        self.restarts = 0
+        self.status = RunStatus(RunState.INITIALIZING)
+        self.outcome: RunOutcome | None = None
+        self.error: RunFailedError | None = None
+        self._failures: list[Failure] = []
+
+    def _go(self, new: RunState) -> RunState:
+        check_transition(self.state, new)
+        self.state = self.status.state = new
+        return new
+
+    def _decide(self, failures: list[Failure]) -> RunState:
+        decision = self.policy.decide(failures, self.restarts)
+        line = f"{decision.action.value}: {decision.reason}"
+        log.warning("controller decision: %s", line)
+        self.status.decisions.append(line)
+        self._failures = failures
+        if decision.action is Action.RESTART:
+            return self._go(RunState.RECOVERING)
+        self.error = RunFailedError(decision, failures)
+        self.status.error = str(self.error)
+        if self.group is not None:
+            self.group.shutdown()
+        return self._go(RunState.ERRORED)
+
+    def step(self) -> RunState:
+        if self.state is RunState.INITIALIZING:
+            return self._go(RunState.SCHEDULING)
+        if self.state is RunState.SCHEDULING:
+            resume = self.latest_checkpoint()
+            self.group = self.make_group(self.num_workers)
+            try:
+                self.group.start(resume, attempt=self.restarts)
+            except GroupStartError as e:
+                return self._decide(e.failures)
+            self.status.world_size = self.group.size
+            if resume:
+                self.status.decisions.append(f"started {self.group.size} workers from {resume}")
+            return self._go(RunState.RUNNING)
+        if self.state is RunState.RUNNING:
+            assert self.group is not None
+            polled = self.group.poll()
+            self._absorb(polled.reports)
+            if polled.failures:
+                return self._decide(polled.failures)
+            if polled.outcome is not None:
+                self.outcome = polled.outcome
+                self.group.shutdown()
+                return self._go(RunState.FINISHED)
+            return self.state
+        if self.state is RunState.RECOVERING:
+            assert self.group is not None
+            self.group.shutdown()
+            self.group = None
+            self.restarts += 1
+            self.status.restarts = self.restarts
+            return self._go(RunState.SCHEDULING)
+        return self.state
+
+    def _absorb(self, reports: list[Report]) -> None:
+        if not reports:
+            return
+        self.status.worker_pids = [r.pid for r in sorted(reports, key=lambda r: r.rank)]
+        lead = min(reports, key=lambda r: r.rank)
+        self.status.step = lead.step
+        self.status.loss = lead.loss
+        self.status.tokens_per_s = lead.tokens_per_s
+        self.status.checkpoint_step = lead.checkpoint_step
+
+    def run(self, poll_interval_s: float) -> RunOutcome:
+        while not self.state.terminal:
+            before = self.state
+            self.step()
+            if self.state is before is RunState.RUNNING:
+                time.sleep(poll_interval_s)
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None
+        return self.outcome

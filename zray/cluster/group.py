@@ -1,0 +1,156 @@
+"""A group of Worker actors in one placement group, as the controller sees it.
+
+The controller talks to a group only through `start`, `poll` and `shutdown` (the `WorkerGroup`
+protocol), so its state machine can be driven in tests by a fake group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from zray.cluster.policy import Failure
+from zray.cluster.train_loop import Report, RunOutcome, RunSpec
+from zray.errors import ConfigError, ZrayError
+
+
+class GroupStartError(ZrayError):
+    def __init__(self, failures: list[Failure]) -> None:
+        self.failures = failures
+        super().__init__("; ".join(f"rank {f.rank} {f.kind}: {f.message}" for f in failures))
+
+
+@dataclass
+class GroupPoll:
+    reports: list[Report] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    outcome: RunOutcome | None = None  # rank 0's, once every rank has finished
+
+
+class WorkerGroup(Protocol):
+    size: int
+
+    def start(self, resume: str | None, attempt: int) -> None: ...
+    def poll(self) -> GroupPoll: ...
+    def shutdown(self) -> None: ...
+
+
+class RayWorkerGroup:
+    """N Worker actors, one bundle each ({"CPU": 1} or {"CPU": 1, "GPU": 1}), packed."""
+
+    def __init__(self, spec: RunSpec, size: int, use_gpu: bool, start_timeout_s: float) -> None:
+        self.spec, self.size, self.use_gpu = spec, size, use_gpu
+        self.start_timeout_s = start_timeout_s
+        self.pg: Any = None
+        self.actors: list[Any] = []
+        self.runs: list[Any] = []
+        self._finished: dict[int, RunOutcome] = {}
+
+    def start(self, resume: str | None, attempt: int) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from zray.cluster.worker import Worker
+
+        bundle = {"CPU": 1.0, "GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
+        self.pg = placement_group([bundle] * self.size, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise GroupStartError(
+                [
+                    Failure(
+                        -1,
+                        "timeout",
+                        (
+                            f"{self.size} worker bundles of {bundle} not placed within "
+                            f"{self.start_timeout_s:.0f} s (zray.start_timeout_s): the cluster lacks "
+                            "the resources"
+                        ),
+                    )
+                ]
+            ) from None
+        self.actors = [
+            Worker.options(
+                num_cpus=1,
+                num_gpus=1 if self.use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=i
+                ),
+            ).remote()
+            for i in range(self.size)
+        ]
+        try:
+            addr, port = ray.get(self.actors[0].rendezvous.remote(), timeout=self.start_timeout_s)
+        except Exception as e:
+            raise GroupStartError([Failure(0, "died", f"rendezvous failed: {e!r}")]) from e
+        self.runs = [
+            actor.run.remote(self.spec, rank, self.size, addr, port, resume, attempt)
+            for rank, actor in enumerate(self.actors)
+        ]
+        self._finished = {}
+
+    def poll(self) -> GroupPoll:
+        import ray
+
+        out = GroupPoll()
+        ready, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        for ref in ready:
+            rank = self.runs.index(ref)
+            if rank in self._finished:
+                continue
+            try:
+                self._finished[rank] = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                out.failures.append(Failure(rank, "died", _first_line(e)))
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if hasattr(e, "cause") else None
+                out.failures.append(
+                    Failure(rank, "error", _tail(e), retryable=not isinstance(cause, ConfigError))
+                )
+        if out.failures:
+            return out
+        reports = [a.report.remote() for a in self.actors]
+        try:
+            out.reports = [r for r in ray.get(reports, timeout=30) if r is not None]
+        except ray.exceptions.RayActorError as e:
+            out.failures.append(Failure(-1, "died", _first_line(e)))
+        except ray.exceptions.GetTimeoutError:
+            pass  # a busy worker answers next time; a dead one shows up in ray.wait above
+        if len(self._finished) == self.size:
+            out.outcome = self._finished[0]
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.actors, self.runs, self.pg = [], [], None
+
+    def pids(self) -> list[int]:
+        """Worker process ids (for tests and benchmarks that kill one)."""
+        return [r.pid for r in self.poll().reports]
+
+
+def _retryable(cause: BaseException | None) -> bool:
+    """Errors a restart cannot cure: bad configs or data, code that does not import."""
+    from zray.data.errors import DataError
+
+    return not isinstance(cause, (ConfigError, DataError, ImportError, SyntaxError))
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _tail(e: BaseException, lines: int = 12) -> str:
+    text = str(e) or "".join(traceback.format_exception(e))
+    return "\n".join(text.strip().splitlines()[-lines:])

@@ -1,0 +1,224 @@
+"""What a worker does: join the group, build the engine, resume, train, checkpoint, report.
+
+It runs inside a Worker actor (zray/cluster/worker.py) but knows nothing of Ray: it can be
+driven by any launcher that gives it a rank, a world size and a rendezvous address.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from zray.checkpoint.engine_state import capture, restore
+from zray.config import Config
+from zray.entrypoint import load_entry
+from zray.env import DistEnv
+from zray.errors import ConfigError
+from zray.initialize import initialize
+from zray.parallel.context import init_distributed
+from zray.zero import comm
+
+
+@dataclass
+class RunSpec:
+    """Everything a worker needs to train; pickled to every worker."""
+
+    config: dict[str, Any]  # Config.to_dict(): DeepSpeed keys plus the "zray" run section
+    model: Callable[..., nn.Module] | str  # a factory, or "package.module:callable"
+    data: Any  # anything zray.data.as_source accepts (or a Ray ObjectRef to it)
+    loss: Callable[[Any, Any], torch.Tensor] | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A worker's progress, as polled by the controller."""
+
+    rank: int
+    pid: int
+    node: str
+    step: int = 0
+    loss: float | None = None  # the global mean loss of the last logged step
+    tokens_per_s: float = 0.0
+    checkpoint_step: int | None = None
+    phase: str = "starting"  # starting | training | checkpointing | done
+
+
+@dataclass
+class RunOutcome:
+    """Rank 0's return value when training completes."""
+
+    steps: int
+    losses: list[tuple[int, float]]
+    tokens_per_s: float
+    checkpoint: str | None
+    world_size: int
+
+
+def build_model(spec: RunSpec, cfg: Config) -> nn.Module:
+    factory = load_entry(spec.model) if isinstance(spec.model, str) else spec.model
+    kwargs = {**cfg.zray.model_kwargs, **spec.model_kwargs}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            "zray.model",
+            spec.model,
+            "a callable returning an nn.Module",
+            f"it returned {type(model).__name__}",
+        )
+    return model
+
+
+def _resolve(data: Any) -> Any:
+    if type(data).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(data)
+    return data
+
+
+class TrainLoop:
+    def __init__(
+        self,
+        spec: RunSpec,
+        rank: int,
+        world: int,
+        master_addr: str,
+        master_port: int,
+        resume: str | None,
+        attempt: int = 0,
+    ) -> None:
+        self.spec, self.rank, self.world, self.attempt = spec, rank, world, attempt
+        self.master_addr, self.master_port, self.resume = master_addr, master_port, resume
+        self._report = Report(rank=rank, pid=os.getpid(), node=socket.gethostname())
+        self._lock = threading.Lock()
+
+    def report(self) -> Report:
+        with self._lock:
+            return self._report
+
+    def _set(self, **changes: Any) -> None:
+        with self._lock:
+            self._report = Report(**{**self._report.__dict__, **changes})
+
+    def run(self) -> RunOutcome:
+        from zray.checkpoint.async_saver import AsyncSaver
+        from zray.checkpoint.reader import CheckpointReader
+        from zray.checkpoint.writer import save_shard
+        from zray.data.loader import RankBatches
+        from zray.data.sampler import GlobalBatchSampler
+        from zray.data.sources import as_source
+
+        cfg = Config.from_dict(self.spec.config)
+        run = cfg.zray
+        device = None
+        if run.use_gpu:
+            device = torch.device("cuda", torch.cuda.current_device())
+        init_distributed(
+            backend="nccl" if run.use_gpu else "gloo",
+            timeout=run.collective_timeout_s,
+            env=DistEnv(self.rank, self.world, 0, self.master_addr, self.master_port),
+            device=device if device is not None else "cpu",
+        )
+        torch.manual_seed(run.seed)
+        model = build_model(self.spec, cfg)
+        engine, *_ = initialize(model=model, config=cfg)
+        ctx = engine.ctx
+        b = engine.batch
+        source = as_source(_resolve(self.spec.data))
+        sampler = GlobalBatchSampler(len(source), b.train_batch_size, seed=run.seed)
+        if self.resume:
+            glob = restore(engine, CheckpointReader(self.resume))
+            if glob.get("sampler"):
+                sampler.load_state_dict(glob["sampler"])
+        batches = RankBatches(
+            source,
+            sampler,
+            ctx.dp_rank,
+            ctx.dp_size,
+            b.micro_batch_per_gpu,
+            b.gradient_accumulation_steps,
+            ctx.device,
+        )
+        counted = _CountTokens(batches)
+        max_steps = run.max_steps or 100
+        root = run.checkpoint_dir
+        saver = AsyncSaver() if run.async_checkpoint else None
+        losses: list[tuple[int, float]] = []
+        last_ckpt: str | None = self.resume
+        t0 = time.perf_counter()
+        self._set(phase="training", step=engine.global_steps)
+
+        def checkpoint(step: int) -> str:
+            self._set(phase="checkpointing")
+            shard = capture(engine, sampler=batches.state_dict())
+            # The same id on every rank of this attempt: a step saved again after a restart
+            # can never commit a mix of the old attempt's files and the new one's.
+            save_id = f"attempt{self.attempt}-step{step}"
+            if saver is not None:
+                # capture() already copied to CPU: the snapshot needs no second copy.
+                saver.save(
+                    root, step, shard, keep_last=run.keep_last, save_id=save_id, copy_ranges=False
+                )
+                path = os.path.join(root, f"step_{step:08d}")
+            else:
+                path = str(save_shard(root, step, shard, keep_last=run.keep_last, save_id=save_id))
+            self._set(phase="training", checkpoint_step=step)
+            return path
+
+        while engine.global_steps < max_steps:
+            local = engine.train_batch(counted, loss_fn=self.spec.loss)
+            step = engine.global_steps
+            if step % run.log_interval == 0 or step == max_steps:
+                # The global mean loss: one tiny all-reduce, and a host sync, per logged step.
+                total = local.detach().float().reshape(1).clone()
+                comm.all_reduce_sum(total, ctx.dp_group).wait()
+                value = float(total.item()) / ctx.dp_size
+                losses.append((step, value))
+                rate = counted.tokens * ctx.dp_size / (time.perf_counter() - t0)
+                self._set(step=step, loss=value, tokens_per_s=rate)
+            else:
+                self._set(step=step)
+            if (
+                root
+                and run.checkpoint_interval
+                and step % run.checkpoint_interval == 0
+                and step < max_steps
+            ):
+                last_ckpt = checkpoint(step)
+        if root:
+            last_ckpt = checkpoint(engine.global_steps)
+        if saver is not None:
+            saver.wait()
+        self._set(phase="done")
+        return RunOutcome(
+            steps=engine.global_steps,
+            losses=losses,
+            tokens_per_s=counted.tokens * ctx.dp_size / max(time.perf_counter() - t0, 1e-9),
+            checkpoint=last_ckpt,
+            world_size=ctx.dp_size,
+        )
+
+
+class _CountTokens:
+    """Pass batches through, counting this rank's input tokens (for tokens/s)."""
+
+    def __init__(self, it: Any) -> None:
+        self.it, self.tokens = iter(it), 0
+
+    def __iter__(self) -> _CountTokens:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.it)
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        self.tokens += ids.numel() if isinstance(ids, torch.Tensor) else 0
+        return batch

@@ -1,0 +1,213 @@
+"""`zray.fit`: train on Ray, under a controller that survives failures.
+
+    result = zray.fit(model=build_model, data="tokens.parquet", config="ds_config.json",
+                      num_workers=2, checkpoint_dir="/mnt/ckpt")
+
+With no `address`, an embedded local Ray cluster is started (CPU workers with gloo when there is
+no GPU) and stopped at the end; with one, the run joins that cluster. Ray's token
+authentication stays on: zray refuses to start a cluster with RAY_AUTH_MODE=disabled.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from zray.cluster.controller import RunStatus
+from zray.cluster.train_loop import RunSpec
+from zray.config import Config
+from zray.errors import ConfigError
+
+
+@dataclass
+class FitResult:
+    steps: int
+    world_size: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    checkpoint: str | None = None  # the last committed checkpoint
+    restarts: int = 0
+    decisions: list[str] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1][1] if self.losses else float("nan")
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {
+            "loss": self.final_loss,
+            "tokens_per_s": self.tokens_per_s,
+            "steps": float(self.steps),
+            "restarts": float(self.restarts),
+        }
+
+
+class ProgressLine:
+    """The driver's live line: step, loss, tokens/s, world size, restarts, state."""
+
+    def __init__(self, total: int | None, stream: Any = None) -> None:
+        self.total, self.stream = total, stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last: tuple[Any, ...] = ()
+
+    def __call__(self, st: RunStatus) -> None:
+        key = (st.state, st.step, st.restarts)
+        if key == self._last:
+            return
+        self._last = key
+        loss = "-" if st.loss is None else f"{st.loss:.4f}"
+        of = f"/{self.total}" if self.total else ""
+        line = (
+            f"[zray] {st.state.value:<12} step {st.step}{of}  loss {loss}  "
+            f"tokens/s {st.tokens_per_s:,.0f}  world {st.world_size}  "
+            f"restarts {st.restarts}"
+        )
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+
+def _ensure_ray(address: str | None, num_workers: int, use_gpu: bool) -> bool:
+    """Connect to `address` or start an embedded cluster; True if this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        raise ConfigError(
+            "RAY_AUTH_MODE",
+            "disabled",
+            "token (or unset)",
+            "zray keeps Ray's token authentication on",
+        )
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    ray.init(
+        # Logical CPUs: one per worker plus room for the controller, even on a 2-core laptop.
+        num_cpus=max(os.cpu_count() or 1, num_workers + 1),
+        num_gpus=torch.cuda.device_count() if use_gpu else 0,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+    return True
+
+
+def _synthetic(data: Any) -> Any:
+    """{"synthetic": {...}} -> an Arrow table of Markov-chain tokens (tests and the demo)."""
+    if not (isinstance(data, dict) and "synthetic" in data):
+        return data
+    from zray.data.sources import lm_tokens_table
+    from zray.models.data import synthetic_tokens
+
+    spec = data["synthetic"]
+    tokens = synthetic_tokens(
+        int(spec.get("n_samples", 4096)),
+        int(spec["seq_len"]),
+        int(spec["vocab_size"]),
+        seed=int(spec.get("seed", 1)),
+    )
+    return lm_tokens_table(tokens)
+
+
+def fit(
+    model: Callable[..., nn.Module] | str | None = None,
+    data: Any = None,
+    config: Config | dict[str, Any] | str | None = None,
+    loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    num_workers: int | None = None,
+    use_gpu: bool | None = None,
+    checkpoint_dir: str | None = None,
+    max_failures: int | None = None,
+    max_steps: int | None = None,
+    address: str | None = None,
+    progress: Callable[[RunStatus], None] | bool = True,
+) -> FitResult:
+    """Train `model` on `data` with `config` on Ray workers; returns the final metrics.
+
+    Arguments left None come from the config's "zray" section. `progress` is True for the
+    live line on stderr, False for silence, or a callable receiving every RunStatus.
+    """
+    import ray
+
+    from zray.cluster.controller_actor import ControllerActor
+
+    cfg = Config.load(config)
+    changes = {
+        k: v
+        for k, v in {
+            "num_workers": num_workers,
+            "use_gpu": use_gpu,
+            "checkpoint_dir": checkpoint_dir,
+            "max_failures": max_failures,
+            "max_steps": max_steps,
+        }.items()
+        if v is not None
+    }
+    if isinstance(model, str):
+        changes["model"] = model
+    run = replace(cfg.zray, **changes)
+    cfg = replace(cfg, zray=run)
+    model = model if model is not None else run.model
+    if model is None:
+        raise ConfigError("model", None, "a callable returning an nn.Module, or zray.model")
+    data = data if data is not None else run.data
+    if data is None:
+        raise ConfigError("data", None, "a Parquet path, Arrow table, Ray or torch Dataset")
+    started = _ensure_ray(address, run.num_workers, run.use_gpu)
+    show = ProgressLine(run.max_steps) if progress is True else (progress or None)
+    try:
+        data = _synthetic(data)
+        if not isinstance(data, (str, os.PathLike, list, tuple)):
+            data = ray.put(data)  # into the object store once, not pickled per worker
+        spec = RunSpec(config=cfg.to_dict(), model=model, data=data, loss=loss)
+        actor = ControllerActor.remote(
+            spec,
+            run.num_workers,
+            run.use_gpu,
+            run.max_failures,
+            run.checkpoint_dir,
+            run.start_timeout_s,
+        )
+        done = actor.run.remote(run.poll_interval_s)
+        while not ray.wait([done], timeout=run.poll_interval_s)[0]:
+            if show:
+                show(ray.get(actor.status.remote()))
+        status: RunStatus = ray.get(actor.status.remote())
+        if show:
+            show(status)
+            if isinstance(show, ProgressLine) and show.tty:
+                show.stream.write("\n")
+        try:
+            outcome = ray.get(done)
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
+        return FitResult(
+            steps=outcome.steps,
+            world_size=outcome.world_size,
+            losses=outcome.losses,
+            tokens_per_s=outcome.tokens_per_s,
+            checkpoint=outcome.checkpoint,
+            restarts=status.restarts,
+            decisions=status.decisions,
+        )
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    """Poll `pred` until true or `timeout` seconds pass (tests and benchmarks)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return False
