@@ -52,6 +52,7 @@ class RunStatus:
     restarts: int = 0
     checkpoint_step: int | None = None
     worker_pids: list[int] = field(default_factory=list)
+    phase: str = "starting"  # rank 0's: starting | training | checkpointing | done
     decisions: list[str] = field(default_factory=list)  # every decision, with its reason
     error: str | None = None
 
@@ -123,7 +124,10 @@ class Controller:
             self.group.shutdown()
             self.group = None
             self.restarts += 1
+            # Progress restarts from the checkpoint the new group will load.
             self.status.restarts = self.restarts
+            self.status.step, self.status.loss, self.status.worker_pids = 0, None, []
+            self.status.phase = "starting"
             return self._go(RunState.SCHEDULING)
         return self.state
 
@@ -136,6 +140,7 @@ class Controller:
         self.status.loss = lead.loss
         self.status.tokens_per_s = lead.tokens_per_s
         self.status.checkpoint_step = lead.checkpoint_step
+        self.status.phase = lead.phase
 
     def run(self, poll_interval_s: float) -> RunOutcome:
         while not self.state.terminal:

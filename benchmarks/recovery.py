@@ -1,0 +1,112 @@
+"""Seconds from a worker kill to the next completed step, and the steps lost.
+
+    python benchmarks/recovery.py --workers 4 --kill-at 12 --checkpoint-interval 5
+
+Runs zray.fit on an embedded local Ray cluster (CPU workers, gloo, tiny GPT), SIGKILLs one
+worker process once the run passes step --kill-at, and times the recovery from the driver's
+status stream: kill -> failure seen (controller RECOVERING) -> group running again -> first
+step completed after the restart. Steps lost = step at the kill - step resumed from. Prints a
+table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import tempfile
+import time
+from typing import Any
+
+import zray
+from zray.cluster.controller import RunStatus
+from zray.cluster.state import RunState
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--kill-at", type=int, default=12)
+    p.add_argument("--checkpoint-interval", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    rows = [one_run(args) for _ in range(args.repeats)]
+    print(
+        f"{'kill->detected s':>17} {'detected->running s':>20} {'running->next step s':>21} "
+        f"{'kill->next step s':>18} {'steps lost':>11}"
+    )
+    for r in rows:
+        print(
+            f"{r['detect_s']:>17.2f} {r['restart_s']:>20.2f} {r['first_step_s']:>21.2f} "
+            f"{r['kill_to_next_step_s']:>18.2f} {r['steps_lost']:>11}"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "runs": rows, "cpus": os.cpu_count()}, f, indent=1)
+
+
+def one_run(args: argparse.Namespace) -> dict[str, Any]:
+    t: dict[str, float] = {}
+    info: dict[str, Any] = {}
+
+    def watch(st: RunStatus) -> None:
+        now = time.perf_counter()
+        if "kill" not in t:
+            if st.step >= args.kill_at and len(st.worker_pids) == args.workers:
+                info["step_at_kill"] = st.step
+                t["kill"] = time.perf_counter()
+                os.kill(st.worker_pids[-1], signal.SIGKILL)
+            return
+        if st.state is RunState.RECOVERING or st.restarts >= 1:
+            t.setdefault("detected", now)
+        if st.restarts >= 1 and st.state is RunState.RUNNING:
+            t.setdefault("running", now)
+            resumed = [
+                int(m.group(1))
+                for d in st.decisions
+                for m in [re.search(r"step_(\d+)", d)]
+                if m and "started" in d
+            ]
+            if resumed:
+                info["resumed_from"] = resumed[-1]
+                if st.phase == "training" and st.step > resumed[-1]:
+                    t.setdefault("next_step", now)
+
+    with tempfile.TemporaryDirectory() as ckpt:
+        cfg = {
+            "train_batch_size": 4 * args.workers,
+            "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "zero_optimization": {"stage": 2},
+            "zray": {
+                "model": "zray.models.gpt:build",
+                "model_kwargs": {"size": "tiny"},
+                "data": {"synthetic": {"seq_len": 64, "vocab_size": 256, "n_samples": 2048}},
+                "num_workers": args.workers,
+                "max_steps": args.steps,
+                "checkpoint_interval": args.checkpoint_interval,
+                "log_interval": 1,
+                "poll_interval_s": 0.1,
+                "max_failures": 2,
+            },
+        }
+        result = zray.fit(config=cfg, checkpoint_dir=ckpt, progress=watch)
+    assert result.restarts == 1, result.decisions
+    return {
+        "detect_s": t["detected"] - t["kill"],
+        "restart_s": t["running"] - t["detected"],
+        "first_step_s": t["next_step"] - t["running"],
+        "kill_to_next_step_s": t["next_step"] - t["kill"],
+        "step_at_kill": info["step_at_kill"],
+        "resumed_from": info["resumed_from"],
+        "steps_lost": info["step_at_kill"] - info["resumed_from"],
+        "decisions": result.decisions,
+    }
+
+
+if __name__ == "__main__":
+    main()
