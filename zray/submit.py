@@ -158,12 +158,20 @@ def _runtime_env(working_dir: Path | str | None, excludes: Sequence[str]) -> dic
 
 def _connect(address: str | None) -> Any:
     """A JobSubmissionClient for `address`; SubmitError when the cluster cannot be reached."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     wanted = address or DEFAULT_ADDRESS
     try:
         client = JobSubmissionClient(wanted)
-    except Exception as e:  # ConnectionError, AuthenticationError, ValueError for bad schemes
+    except AuthenticationError as e:
+        # Ray's message says which of "no token sent" (401) / "wrong token" (403) it was.
+        raise SubmitError(
+            f"address {wanted!r}: the cluster refused the request: {e}\n(the Jobs client sends "
+            "a token only with RAY_AUTH_MODE=token; it reads RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+        ) from e
+    except Exception as e:  # ConnectionError, ValueError for unknown schemes, ...
         raise SubmitError(
             f"address {wanted!r}: cannot reach the Ray Jobs API: {e}; allowed: the head's "
             "dashboard URL (http://HOST:8265) or a Ray Client address (ray://HOST:10001)"

@@ -1,0 +1,61 @@
+"""Failures on a real local Ray cluster: a collective that times out, a run that gives up."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import zray
+from tests.cluster import _runs
+from zray.cluster.controller import RunFailedError
+
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("ray_cluster")]
+
+_calls = {"n": 0}  # per worker process: micro-steps seen by the loss function
+
+
+def loss_that_hangs_once(outputs: Any, batch: Any, marker: str) -> torch.Tensor:
+    """Rank 1 stalls at its 3rd micro-step, the first time only (a marker file remembers)."""
+    _calls["n"] += 1
+    if dist.get_rank() == 1 and _calls["n"] == 3 and not Path(marker).exists():
+        Path(marker).write_text("hung once")
+        time.sleep(120)  # rank 0 waits in a collective until the group's timeout
+    return outputs
+
+
+def loss_that_raises(outputs: Any, batch: Any) -> torch.Tensor:
+    _calls["n"] += 1
+    if dist.get_rank() == 1 and _calls["n"] == 2:
+        raise RuntimeError("bad batch on rank 1")
+    return outputs
+
+
+def test_collective_timeout_restarts_the_group(parquet_tokens: Path, tmp_path: Path) -> None:
+    cfg = _runs.config(
+        2, steps=6, num_workers=2, checkpoint_interval=2, collective_timeout_s=10.0, max_failures=1
+    )
+    run = zray.fit(
+        config=cfg,
+        data=str(parquet_tokens),
+        checkpoint_dir=str(tmp_path),
+        loss=functools.partial(loss_that_hangs_once, marker=str(tmp_path / "hung")),
+        progress=False,
+    )
+    assert run.steps == 6 and run.restarts == 1
+    restart = next(d for d in run.decisions if d.startswith("restart"))
+    assert "rank 0 error" in restart, run.decisions
+
+
+def test_gives_up_after_max_failures_with_the_ranks_error(parquet_tokens: Path) -> None:
+    cfg = _runs.config(2, steps=6, num_workers=2, max_failures=1)
+    with pytest.raises(RunFailedError) as e:
+        zray.fit(config=cfg, data=str(parquet_tokens), loss=loss_that_raises, progress=False)
+    msg = str(e.value)
+    assert "failed ranks: [1]" in msg and "RuntimeError: bad batch on rank 1" in msg
+    assert "already restarted 1 time(s) (max_failures = 1)" in msg
