@@ -257,7 +257,8 @@ def _add_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
     resh.add_argument("dir", help=dir_help)
     resh.add_argument(
         "out_root",
-        help="root to write the same step into (committed there; its step dir must not exist)",
+        help="root to write the same step into, committed (it becomes the root's newest "
+        "checkpoint); its step dir must not exist yet",
     )
     resh.add_argument("--world-size", type=int, required=True, help="number of shards")
     resh.set_defaults(fn=_checkpoint_errors(_cmd_checkpoint_reshard))

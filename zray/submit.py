@@ -118,6 +118,11 @@ def submit(
         raise SubmitError(f"{used}: submitting {command!r} failed: {e}") from e
     print(f"[zray] submitted job {job_id} to {used}: {command}", file=info, flush=True)
     if not wait:
+        print(
+            f"[zray] follow it with: ray job logs --address {used} --follow {job_id}",
+            file=info,
+            flush=True,
+        )
         return JobOutcome(job_id, used, None)
     try:
         _follow_logs(client, job_id, logs, info)

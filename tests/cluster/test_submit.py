@@ -10,7 +10,9 @@ Cost: ~5 s to start the head, ~8 s per job (job supervisor actor, runtime env, d
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -201,7 +203,8 @@ def zray_submit(
 def job_dir(tmp_path: Path) -> Path:
     """A working dir with a file the job lists, and dirs the upload must leave out."""
     (tmp_path / "data.txt").write_text("payload\n")
-    (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000001")
     (tmp_path / "runs" / "step_00000002").mkdir(parents=True)
     (tmp_path / "runs" / "step_00000002" / "COMMITTED").write_text("{}")
     (tmp_path / "build").mkdir()
@@ -262,3 +265,29 @@ def test_an_explicit_address_is_not_silently_replaced(head: Head, job_dir: Path)
     )
     assert out.returncode == 2, out.stderr[-3000:]
     assert other in out.stderr and "RAY_ADDRESS" in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.cluster
+def test_no_wait_returns_once_the_job_is_accepted(head: Head, job_dir: Path) -> None:
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "zray.cli", "submit", "--no-wait"),
+            *("--address", head.url, "--no-working-dir", "--", "python", "-c", "print(1)"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+        env=head.env(),
+        cwd=job_dir,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    match = re.search(r"submitted job (raysubmit_\w+)", out.stderr)
+    assert match and "ray job logs" in out.stderr, out.stderr[-3000:]
+    request = urllib.request.Request(
+        f"{head.url}/api/jobs/{match.group(1)}",
+        headers={"Authorization": f"Bearer {head.token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        job = json.loads(r.read())
+    assert job["entrypoint"] == "python -c 'print(1)'"
+    assert job["metadata"] == {"submitted_by": "zray"}

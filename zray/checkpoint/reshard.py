@@ -21,8 +21,10 @@ saved, the loader leaves that rank's generator as it is).
 Memory: the new ranks are built and written one at a time (ranks 1..N-1, then rank 0, whose
 save commits after finding the others' pieces already on disk). save_shard takes a complete
 RankShard, so the peak is one new rank's tensors: about total_elements x keys x 4 bytes / N
-(fp32; Adam: 3 keys), plus that rank's non-tensor state and the input files' mmaps (page cache,
-not process memory). At N = 1 that is the whole model's master and optimizer state once.
+(fp32; Adam: 3 keys), plus that rank's non-tensor state, the hashing buffers (8 MiB per file
+hashed at once; up to 64 MiB while rank 0 verifies the files before committing), and the input
+files' mmaps (page cache, shared and reclaimable, though counted in RSS). At N = 1 that is the
+whole model's master and optimizer state once.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ class RunStatus:
     restarts: int = 0
     checkpoint_step: int | None = None
     worker_pids: list[int] = field(default_factory=list)
+    worker_nodes: list[str] = field(default_factory=list)
     phase: str = "starting"  # rank 0's: starting | training | checkpointing | done
     decisions: list[str] = field(default_factory=list)  # every decision, with its reason
     error: str | None = None
@@ -126,7 +127,8 @@ class Controller:
             self.restarts += 1
             # Progress restarts from the checkpoint the new group will load.
             self.status.restarts = self.restarts
-            self.status.step, self.status.loss, self.status.worker_pids = 0, None, []
+            self.status.step, self.status.loss = 0, None
+            self.status.worker_pids, self.status.worker_nodes = [], []
             self.status.phase = "starting"
             return self._go(RunState.SCHEDULING)
         return self.state
@@ -134,7 +136,9 @@ class Controller:
     def _absorb(self, reports: list[Report]) -> None:
         if not reports:
             return
-        self.status.worker_pids = [r.pid for r in sorted(reports, key=lambda r: r.rank)]
+        ordered = sorted(reports, key=lambda r: r.rank)
+        self.status.worker_pids = [r.pid for r in ordered]
+        self.status.worker_nodes = [r.node for r in ordered]
         lead = min(reports, key=lambda r: r.rank)
         self.status.step = lead.step
         self.status.loss = lead.loss

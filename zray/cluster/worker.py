@@ -5,6 +5,8 @@ max_concurrency=2 lets `report()` answer while `run()` trains in the other threa
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import ray
 
 from zray.cluster.train_loop import Report, RunOutcome, RunSpec, TrainLoop
@@ -35,4 +37,7 @@ class Worker:
         return self.loop.run()
 
     def report(self) -> Report | None:
-        return None if self.loop is None else self.loop.report()
+        if self.loop is None:
+            return None
+        # The Ray node id, so that the controller (and tests) know where each rank runs.
+        return replace(self.loop.report(), node=ray.get_runtime_context().get_node_id())
