@@ -58,3 +58,13 @@ def export_dist_env(env: DistEnv) -> dict[str, str]:
         "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": str(env.master_port),
     }
+
+
+def ray_address() -> str | None:
+    """RAY_ADDRESS, which Ray Jobs set for their driver: join that cluster, start none."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def ray_auth_mode() -> str:
+    """RAY_AUTH_MODE as Ray reads it ("" when unset)."""
+    return os.environ.get("RAY_AUTH_MODE", "").lower()

@@ -23,6 +23,7 @@ from torch import nn
 from zray.cluster.controller import RunStatus
 from zray.cluster.train_loop import RunSpec
 from zray.config import Config
+from zray.env import ray_address, ray_auth_mode
 from zray.errors import ConfigError
 
 
@@ -80,13 +81,14 @@ def _ensure_ray(address: str | None, num_workers: int, use_gpu: bool) -> bool:
 
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+    if ray_auth_mode() == "disabled":
         raise ConfigError(
             "RAY_AUTH_MODE",
             "disabled",
             "token (or unset)",
             "zray keeps Ray's token authentication on",
         )
+    address = address or ray_address()  # inside a Ray Job (zray submit): that cluster
     if address:
         ray.init(address=address, log_to_driver=True)
         return True

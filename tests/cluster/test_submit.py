@@ -291,3 +291,26 @@ def test_no_wait_returns_once_the_job_is_accepted(head: Head, job_dir: Path) -> 
         job = json.loads(r.read())
     assert job["entrypoint"] == "python -c 'print(1)'"
     assert job["metadata"] == {"submitted_by": "zray"}
+
+
+@pytest.mark.cluster
+def test_zray_fit_runs_as_a_job(head: Head, tmp_path: Path) -> None:
+    """`zray submit -- zray fit run.json`: the job's driver joins the head (RAY_ADDRESS)."""
+    run = {
+        "train_batch_size": 8,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}},
+        "zero_optimization": {"stage": 1},
+        "zray": {
+            "model": "zray.models.gpt:build",
+            "model_kwargs": {"size": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
+            "data": {"synthetic": {"seq_len": 32, "vocab_size": 256, "n_samples": 256}},
+            "num_workers": 2,
+            "max_steps": 6,
+            "log_interval": 3,
+        },
+    }
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    out = zray_submit(head, "zray", "fit", "run.json", working_dir=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))
+    assert summary["steps"] == 6 and summary["world_size"] == 2
