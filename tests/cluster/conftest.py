@@ -1,4 +1,4 @@
-"""One real local Ray cluster for the whole cluster test session (starting one takes ~6 s)."""
+"""One real local Ray cluster for the cluster tests (starting one takes ~6 s), stopped after them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster() -> Iterator[None]:
     import ray
 

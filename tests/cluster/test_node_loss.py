@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def test_node_removed_mid_run(parquet_tokens: Path) -> None:
         text=True,
         timeout=300,
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # not another Ray's
     )
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])

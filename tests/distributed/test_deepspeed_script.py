@@ -52,6 +52,6 @@ def test_script_trains_on_two_processes(tmp_path: Path) -> None:
     losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", out.stdout)]
     assert len(losses) >= 6, out.stdout
     assert sum(losses[-3:]) < sum(losses[:3])
-    meta = json.loads((tmp_path / "global_step80" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and meta["zero_stage"] == 2
-    assert (tmp_path / "latest").read_text() == "global_step80"
+    manifest = json.loads((tmp_path / "step_00000080" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["zero_stage"] == 2
+    assert (tmp_path / "step_00000080" / "COMMITTED").exists()
