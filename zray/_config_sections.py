@@ -396,6 +396,12 @@ class RunConfig(Section):
     collective_timeout_s: float = field(default=300.0, metadata=meta(gt=0))
     # Seconds the whole group may take to start (actors placed, process group formed).
     start_timeout_s: float = field(default=120.0, metadata=meta(gt=0))
+    # Metrics: the controller serves every rank's metrics on one endpoint, loopback unless a
+    # cluster config says otherwise (e.g. "0.0.0.0" inside a pod); port None turns it off.
+    run_name: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = field(default=9464, metadata=meta(ge=0, le=65535))
+    metrics_dir: str | None = None  # JSONL log per run (default: checkpoint_dir, else none)
 
     def _check(self) -> None:
         if self.model is not None and not _MODEL_SPEC.match(self.model):

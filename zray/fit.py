@@ -36,6 +36,8 @@ class FitResult:
     checkpoint: str | None = None  # the last committed checkpoint
     restarts: int = 0
     decisions: list[str] = field(default_factory=list)
+    run_name: str = ""
+    metrics_url: str | None = None  # served while the run was going
 
     @property
     def final_loss(self) -> float:
@@ -58,6 +60,7 @@ class ProgressLine:
         self.total, self.stream = total, stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._last: tuple[Any, ...] = ()
+        self._announced = False
 
     def __call__(self, st: RunStatus) -> None:
         key = (st.state, st.step, st.restarts)
@@ -138,6 +141,7 @@ def fit(
     live line on stderr, False for silence, or a callable receiving every RunStatus.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from zray.cluster.controller_actor import ControllerActor
 
@@ -170,13 +174,21 @@ def fit(
         if not isinstance(data, (str, os.PathLike, list, tuple)):
             data = ray.put(data)  # into the object store once, not pickled per worker
         spec = RunSpec(config=cfg.to_dict(), model=model, data=data, loss=loss)
-        actor = ControllerActor.remote(
+        run_name = run.run_name or time.strftime("zray-%Y%m%d-%H%M%S")
+        # The controller serves the metrics: keep it on the driver's node (the head, for a
+        # RayJob), where the configured port is published.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        actor = ControllerActor.options(scheduling_strategy=here).remote(
             spec,
             run.num_workers,
             run.use_gpu,
             run.max_failures,
             run.checkpoint_dir,
             run.start_timeout_s,
+            run_name,
+            run.metrics_host,
+            run.metrics_port,
+            run.metrics_dir or run.checkpoint_dir,
         )
         done = actor.run.remote(run.poll_interval_s)
         while not ray.wait([done], timeout=run.poll_interval_s)[0]:
@@ -191,6 +203,8 @@ def fit(
             outcome = ray.get(done)
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
+        finally:
+            ray.get(actor.close.remote())
         return FitResult(
             steps=outcome.steps,
             world_size=outcome.world_size,
@@ -199,6 +213,8 @@ def fit(
             checkpoint=outcome.checkpoint,
             restarts=status.restarts,
             decisions=status.decisions,
+            run_name=run_name,
+            metrics_url=status.metrics_url,
         )
     finally:
         if started:

@@ -16,12 +16,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from zray.cluster.group import GroupStartError, WorkerGroup
 from zray.cluster.policy import Action, Decision, Failure, FailurePolicy
 from zray.cluster.state import RunState, check_transition
 from zray.cluster.train_loop import Report, RunOutcome
 from zray.errors import ZrayError
+
+if TYPE_CHECKING:
+    from zray.metrics.exporter import RunMetrics
 
 log = logging.getLogger("zray.controller")
 
@@ -56,6 +60,7 @@ class RunStatus:
     phase: str = "starting"  # rank 0's: starting | training | checkpointing | done
     decisions: list[str] = field(default_factory=list)  # every decision, with its reason
     error: str | None = None
+    metrics_url: str | None = None  # where the run's metrics are served, if they are
 
 
 class Controller:
@@ -65,6 +70,7 @@ class Controller:
         num_workers: int,
         policy: FailurePolicy,
         latest_checkpoint: Callable[[], str | None],
+        metrics: RunMetrics | None = None,
     ) -> None:
         self.make_group, self.num_workers, self.policy = make_group, num_workers, policy
         self.latest_checkpoint = latest_checkpoint
@@ -75,13 +81,31 @@ class Controller:
         self.outcome: RunOutcome | None = None
         self.error: RunFailedError | None = None
         self._failures: list[Failure] = []
+        self.metrics = metrics
+        self.lost_steps = 0
+        self._step_at_failure: int | None = None  # set on failure, settled by the next group
 
     def _go(self, new: RunState) -> RunState:
         check_transition(self.state, new)
         self.state = self.status.state = new
+        self._publish()
         return new
 
+    def _publish(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.update_controller(
+            {
+                "zray_world_size": float(self.status.world_size if self.group else 0),
+                "zray_restarts_total": float(self.restarts),
+                "zray_resizes_total": 0.0,  # fixed-size runs; elastic runs resize
+                "zray_lost_steps_total": float(self.lost_steps),
+                "zray_controller_state": {s.value: float(s is self.state) for s in RunState},
+            }
+        )
+
     def _decide(self, failures: list[Failure]) -> RunState:
+        self._step_at_failure = self.status.step
         decision = self.policy.decide(failures, self.restarts)
         line = f"{decision.action.value}: {decision.reason}"
         log.warning("controller decision: %s", line)
@@ -136,6 +160,10 @@ class Controller:
     def _absorb(self, reports: list[Report]) -> None:
         if not reports:
             return
+        if self.metrics is not None:
+            for r in reports:
+                self.metrics.update_rank(r.rank, r.node, r.stage, r.metrics)
+            self.metrics.keep_ranks({r.rank for r in reports})
         ordered = sorted(reports, key=lambda r: r.rank)
         self.status.worker_pids = [r.pid for r in ordered]
         self.status.worker_nodes = [r.node for r in ordered]
@@ -145,6 +173,11 @@ class Controller:
         self.status.tokens_per_s = lead.tokens_per_s
         self.status.checkpoint_step = lead.checkpoint_step
         self.status.phase = lead.phase
+        if self._step_at_failure is not None and lead.phase == "training":
+            # The new group reports the step it resumed from: the difference is redone work.
+            self.lost_steps += max(0, self._step_at_failure - lead.step)
+            self._step_at_failure = None
+        self._publish()
 
     def run(self, poll_interval_s: float) -> RunOutcome:
         while not self.state.terminal:

@@ -23,6 +23,7 @@ from zray.entrypoint import load_entry
 from zray.env import DistEnv
 from zray.errors import ConfigError
 from zray.initialize import initialize
+from zray.metrics.worker import WorkerMetrics
 from zray.parallel.context import init_distributed
 from zray.zero import comm
 
@@ -50,6 +51,8 @@ class Report:
     tokens_per_s: float = 0.0
     checkpoint_step: int | None = None
     phase: str = "starting"  # starting | training | checkpointing | done
+    stage: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)  # see zray.metrics.worker
 
 
 @dataclass
@@ -135,8 +138,11 @@ class TrainLoop:
         b = engine.batch
         source = as_source(_resolve(self.spec.data))
         sampler = GlobalBatchSampler(len(source), b.train_batch_size, seed=run.seed)
+        metrics = WorkerMetrics(*_flops_and_peak(model, source, engine))
         if self.resume:
+            t_load = time.perf_counter()
             glob = restore(engine, CheckpointReader(self.resume))
+            metrics.checkpoint_loaded(time.perf_counter() - t_load)
             if glob.get("sampler"):
                 sampler.load_state_dict(glob["sampler"])
         batches = RankBatches(
@@ -155,11 +161,15 @@ class TrainLoop:
         losses: list[tuple[int, float]] = []
         last_ckpt: str | None = self.resume
         t0 = time.perf_counter()
-        self._set(phase="training", step=engine.global_steps)
+        self._set(phase="training", step=engine.global_steps, stage=engine.plan.stage)
 
         def checkpoint(step: int) -> str:
             self._set(phase="checkpointing")
+            t_save = time.perf_counter()
             shard = capture(engine, sampler=batches.state_dict())
+            nbytes = sum(
+                t.numel() * t.element_size() for r in shard.ranges for t in r.tensors.values()
+            )
             # The same id on every rank of this attempt: a step saved again after a restart
             # can never commit a mix of the old attempt's files and the new one's.
             save_id = f"attempt{self.attempt}-step{step}"
@@ -171,12 +181,28 @@ class TrainLoop:
                 path = os.path.join(root, f"step_{step:08d}")
             else:
                 path = str(save_shard(root, step, shard, keep_last=run.keep_last, save_id=save_id))
-            self._set(phase="training", checkpoint_step=step)
+            # With async saves this is the snapshot's time, not the write's.
+            metrics.checkpoint_saved(time.perf_counter() - t_save, nbytes)
+            self._set(phase="training", checkpoint_step=step, metrics=metrics.snapshot())
             return path
 
+        samples_per_step = b.micro_batch_per_gpu * b.gradient_accumulation_steps
+        t_step = time.perf_counter()
         while engine.global_steps < max_steps:
+            tokens_before = counted.tokens
             local = engine.train_batch(counted, loss_fn=self.spec.loss)
             step = engine.global_steps
+            now = time.perf_counter()
+            # Host wall time between steps: on CUDA the host runs ahead of the device between
+            # the syncs of logging steps, so single values jitter; their average is right.
+            metrics.step(
+                engine,
+                now - t_step,
+                counted.tokens - tokens_before,
+                samples_per_step,
+                batches.total_fetch_seconds,
+            )
+            t_step = now
             if step % run.log_interval == 0 or step == max_steps:
                 # The global mean loss: one tiny all-reduce, and a host sync, per logged step.
                 total = local.detach().float().reshape(1).clone()
@@ -184,9 +210,10 @@ class TrainLoop:
                 value = float(total.item()) / ctx.dp_size
                 losses.append((step, value))
                 rate = counted.tokens * ctx.dp_size / (time.perf_counter() - t0)
-                self._set(step=step, loss=value, tokens_per_s=rate)
+                metrics.logged(engine, value)
+                self._set(step=step, loss=value, tokens_per_s=rate, metrics=metrics.snapshot())
             else:
-                self._set(step=step)
+                self._set(step=step, metrics=metrics.snapshot())
             if (
                 root
                 and run.checkpoint_interval
@@ -206,6 +233,21 @@ class TrainLoop:
             checkpoint=last_ckpt,
             world_size=ctx.dp_size,
         )
+
+
+def _flops_and_peak(model: nn.Module, source: Any, engine: Any) -> tuple[float, float]:
+    """Model FLOPs per token (6N + attention) and this device's dense peak TFLOP/s."""
+    from zray.metrics.flops import device_peak_tflops, model_flops_per_token
+
+    seq_len = 0
+    if "input_ids" in getattr(source, "columns", []):
+        seq_len = int(source.take([0])["input_ids"].shape[-1])
+    try:
+        fpt = float(model_flops_per_token(model, seq_len)) if seq_len else 0.0
+    except ValueError:
+        fpt = 0.0  # a model whose shape cannot be inferred: no MFU, the rest still published
+    peak, _ = device_peak_tflops(engine.ctx.device, engine.compute_dtype)
+    return fpt, peak
 
 
 class _CountTokens:

@@ -8,12 +8,13 @@ context, so that a data x tensor mesh can later hand ZeRO the data-parallel grou
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from zray.env import DistEnv, dist_env_is_set, read_dist_env
+from zray.zero.comm import CommStats
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class ParallelContext:
     dp_rank: int
     dp_size: int
     dp_group: dist.ProcessGroup | None
+    # Counters of this process's collectives (mutable, though the context is not).
+    comm_stats: CommStats = field(default_factory=CommStats, compare=False)
 
     @property
     def is_distributed(self) -> bool:

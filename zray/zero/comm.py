@@ -8,7 +8,8 @@ free of syncs. On gloo the collective runs on gloo's own thread and `wait()` blo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,15 +21,41 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 @dataclass
+class CommStats:
+    """Per collective kind: calls, bytes this rank put in, and seconds the host waited.
+
+    The wait time is what the step lost to communication that did not overlap: on gloo the
+    whole collective when waited on; on NCCL `wait()` only orders streams, so it is ~0 there and
+    GPU-side time needs the step timer's CUDA events.
+    """
+
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def launched(self, kind: str, t: torch.Tensor) -> None:
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        self.bytes[kind] = self.bytes.get(kind, 0) + t.numel() * t.element_size()
+
+    def waited(self, kind: str, seconds: float) -> None:
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+
+
+@dataclass
 class Pending:
     """An in-flight collective and the buffers it must keep alive until it completes."""
 
     work: dist.Work | None
     keep: tuple[torch.Tensor, ...] = ()
+    kind: str = ""
+    stats: CommStats | None = None
 
     def wait(self) -> None:
         if self.work is not None:
+            t0 = time.perf_counter()
             self.work.wait()
+            if self.stats is not None:
+                self.stats.waited(self.kind, time.perf_counter() - t0)
             self.work = None
         self.keep = ()
 
@@ -37,26 +64,39 @@ def _active(group: dist.ProcessGroup | None) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 
 
-def all_reduce_sum(buf: torch.Tensor, group: dist.ProcessGroup | None) -> Pending:
+def all_reduce_sum(
+    buf: torch.Tensor, group: dist.ProcessGroup | None, stats: CommStats | None = None
+) -> Pending:
     """In-place sum of `buf` over `group` (stage 0 gradients; the step's tiny norm tensor)."""
     if not _active(group):
         return Pending(None)
-    return Pending(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True), (buf,))
+    if stats is not None:
+        stats.launched("all_reduce", buf)
+    work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return Pending(work, (buf,), "all_reduce", stats)
 
 
 def reduce_scatter_sum(
-    out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None = None,
 ) -> Pending:
     """out[S] = sum over ranks of inp[rank * S:(rank + 1) * S]; inp is [world * S]."""
     if not _active(group):
         out.copy_(inp[: out.numel()])
         return Pending(None)
+    if stats is not None:
+        stats.launched("reduce_scatter", inp)
     work = _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    return Pending(work, (out, inp))
+    return Pending(work, (out, inp), "reduce_scatter", stats)
 
 
 def all_gather_flat(
-    full: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup | None
+    full: torch.Tensor,
+    shard: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None = None,
 ) -> Pending:
     """full[world * S] = concatenation of every rank's shard[S].
 
@@ -66,8 +106,10 @@ def all_gather_flat(
         if shard.data_ptr() != full.data_ptr():
             full[: shard.numel()].copy_(shard)
         return Pending(None)
+    if stats is not None:
+        stats.launched("all_gather", shard)
     work = _all_gather(full, shard, group=group, async_op=True)
-    return Pending(work, (full, shard))
+    return Pending(work, (full, shard), "all_gather", stats)
 
 
 def broadcast(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None) -> None:

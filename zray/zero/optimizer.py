@@ -183,7 +183,7 @@ class ZeroOptimizer:
         else:
             out = torch.zeros(1, dtype=torch.float32, device=self.ctx.device)
         if self.plan.partition_optimizer:
-            comm.all_reduce_sum(out, self.ctx.dp_group).wait()
+            comm.all_reduce_sum(out, self.ctx.dp_group, self.ctx.comm_stats).wait()
         return out
 
     def scale_grads(self, factor: torch.Tensor) -> None:

@@ -110,7 +110,9 @@ class FlatUnit:
         # which would fail autograd's saved-tensor check in backward; the values are the same
         # parameters as in forward, so the bump is suppressed.
         with torch.autograd._unsafe_preserve_version_counter(self.full):
-            self._gather = comm.all_gather_flat(self.full, self.shard, self.ctx.dp_group)
+            self._gather = comm.all_gather_flat(
+                self.full, self.shard, self.ctx.dp_group, self.ctx.comm_stats
+            )
         self.state = ShardState.GATHERING
 
     def wait_gathered(self) -> None:
@@ -142,7 +144,7 @@ class FlatUnit:
             local.copy_(self.master)
         if self.kind is UnitKind.REPLICATED:
             return None
-        return comm.all_gather_flat(self.full, local, self.ctx.dp_group)
+        return comm.all_gather_flat(self.full, local, self.ctx.dp_group, self.ctx.comm_stats)
 
     # ---- gradients, stages 0-1 --------------------------------------------------------------
 
@@ -174,11 +176,11 @@ class FlatUnit:
             else self.grads.to(self.reduce_dtype)
         )
         if self.kind is UnitKind.REPLICATED:
-            return comm.all_reduce_sum(src, self.ctx.dp_group), src
+            return comm.all_reduce_sum(src, self.ctx.dp_group, self.ctx.comm_stats), src
         out = torch.empty(
             self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
         )
-        return comm.reduce_scatter_sum(out, src, self.ctx.dp_group), out
+        return comm.reduce_scatter_sum(out, src, self.ctx.dp_group, self.ctx.comm_stats), out
 
     # ---- gradients, stages 2-3 --------------------------------------------------------------
 
@@ -207,7 +209,8 @@ class FlatUnit:
         out = torch.empty(
             self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
         )
-        self._reduce = (comm.reduce_scatter_sum(out, self._bucket, self.ctx.dp_group), out)
+        pending = comm.reduce_scatter_sum(out, self._bucket, self.ctx.dp_group, self.ctx.comm_stats)
+        self._reduce = (pending, out)
         self._bucket = None  # the Pending handle keeps it alive until the collective ends
 
     def drain_reduce(self) -> None:

@@ -1,0 +1,1 @@
+"""Metrics: one registry of every metric, the Prometheus exporter, FLOPs / MFU accounting."""

@@ -1,0 +1,119 @@
+"""The controller's Prometheus endpoint and JSONL log for a whole run.
+
+A custom collector builds the metric families from the latest snapshot of every rank at scrape
+time, so counters keep the workers' own running totals (a restarted worker's counter resets,
+which Prometheus' rate() handles) and a rank that is gone stops being exported.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from zray.metrics.registry import METRICS, Kind, MetricSpec, Source
+
+log = logging.getLogger("zray.metrics")
+
+
+class RunMetrics(Collector):
+    """Latest values for one run: per rank (worker metrics) and the controller's own."""
+
+    def __init__(self, run: str, jsonl: Path | None = None) -> None:
+        self.run = run
+        self._lock = threading.Lock()
+        self._ranks: dict[int, tuple[str, str, dict[str, Any]]] = {}  # rank -> node, stage, vals
+        self._controller: dict[str, Any] = {}
+        self.jsonl = jsonl
+        if jsonl is not None:
+            jsonl.parent.mkdir(parents=True, exist_ok=True)
+        self._logged_step: dict[int, float] = {}
+
+    def update_rank(self, rank: int, node: str, stage: int, values: dict[str, Any]) -> None:
+        with self._lock:
+            self._ranks[rank] = (node, str(stage), values)
+        step = values.get("zray_step")
+        if self.jsonl is not None and step is not None and self._logged_step.get(rank) != step:
+            self._logged_step[rank] = step
+            line = {
+                "time": time.time(),
+                "run": self.run,
+                "rank": rank,
+                "node": node,
+                "stage": stage,
+                **values,
+            }
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(line, default=float) + "\n")
+
+    def keep_ranks(self, ranks: set[int]) -> None:
+        """Forget ranks that no longer exist (after a restart at a smaller size)."""
+        with self._lock:
+            for r in list(self._ranks):
+                if r not in ranks:
+                    del self._ranks[r]
+
+    def update_controller(self, values: dict[str, Any]) -> None:
+        with self._lock:
+            self._controller = dict(values)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            ranks = dict(self._ranks)
+            controller = dict(self._controller)
+        for spec in METRICS:
+            family = _family(spec)
+            if spec.source is Source.WORKER:
+                for rank, (node, stage, values) in sorted(ranks.items()):
+                    _add(family, spec, [self.run, str(rank), node, stage], values.get(spec.name))
+            else:
+                _add(family, spec, [self.run], controller.get(spec.name))
+            yield family
+
+
+def _family(spec: MetricSpec) -> Metric:
+    name = spec.name.removesuffix("_total") if spec.kind is Kind.COUNTER else spec.name
+    cls = CounterMetricFamily if spec.kind is Kind.COUNTER else GaugeMetricFamily
+    return cls(name, spec.help, labels=list(spec.labels))
+
+
+def _add(family: Metric, spec: MetricSpec, base: list[str], value: Any) -> None:
+    if value is None:
+        return
+    if spec.extra_labels:
+        for label, v in dict(value).items():
+            if v is not None and not math.isnan(float(v)):
+                family.add_metric([*base, str(label)], float(v))
+    elif not math.isnan(float(value)):
+        family.add_metric(base, float(value))
+
+
+class Exporter:
+    """Serves a RunMetrics on host:port (loopback by default; port 0 picks a free one)."""
+
+    def __init__(self, metrics: RunMetrics, host: str, port: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(metrics)
+        try:
+            self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or port == 0:
+                raise
+            # Another run (or program) holds the port: serve on a free one and say where.
+            log.warning("metrics port %s:%d is in use (%s); serving on a free port", host, port, e)
+            self.server, self.thread = start_http_server(0, addr=host, registry=self.registry)
+        self.host, self.port = host, int(self.server.server_address[1])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

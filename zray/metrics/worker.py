@@ -1,0 +1,97 @@
+"""A worker's metric values: updated by the training loop, shipped as a plain dict.
+
+The dict maps metric names from `zray.metrics.registry` to a number, or (for metrics with an
+extra label such as `kind` or `part`) to {label value: number}. Counters hold running totals;
+the exporter publishes them as they are. Nothing here talks to Prometheus.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from zray.engine import Engine
+
+Snapshot = dict[str, float | dict[str, float]]
+
+
+def _rss_bytes() -> float:
+    """Resident set size of this process (CPU runs report it as 'allocated')."""
+    try:
+        with open("/proc/self/statm") as f:
+            return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except OSError:
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+class WorkerMetrics:
+    def __init__(self, flops_per_token: float, peak_tflops: float) -> None:
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.values: Snapshot = {
+            "zray_steps_total": 0.0,
+            "zray_tokens_total": 0.0,
+            "zray_samples_total": 0.0,
+            "zray_skipped_steps_total": 0.0,
+            "zray_checkpoint_bytes_total": 0.0,
+            "zray_data_seconds_total": 0.0,
+        }
+        self._peak_rss = 0.0
+
+    def step(
+        self, engine: Engine, seconds: float, tokens: int, samples: int, data_seconds_total: float
+    ) -> None:
+        """After each optimizer step (no host sync: only Python numbers are read)."""
+        v = self.values
+        v["zray_step"] = float(engine.global_steps)
+        v["zray_steps_total"] = float(v["zray_steps_total"]) + 1
+        v["zray_step_seconds"] = seconds
+        v["zray_tokens_total"] = float(v["zray_tokens_total"]) + tokens
+        v["zray_samples_total"] = float(v["zray_samples_total"]) + samples
+        rate = tokens / seconds if seconds > 0 else 0.0
+        v["zray_tokens_per_second"] = rate
+        v["zray_samples_per_second"] = samples / seconds if seconds > 0 else 0.0
+        tflops = self.flops_per_token * rate / 1e12
+        v["zray_device_tflops"] = tflops
+        v["zray_mfu_ratio"] = tflops / self.peak_tflops if self.peak_tflops > 0 else float("nan")
+        v["zray_loss_scale"] = float(engine.loss_scale)
+        v["zray_skipped_steps_total"] = float(engine.skipped_steps)
+        v["zray_data_seconds_total"] = data_seconds_total
+        stats = engine.ctx.comm_stats
+        v["zray_comm_calls_total"] = {k: float(n) for k, n in stats.calls.items()}
+        v["zray_comm_bytes_total"] = {k: float(n) for k, n in stats.bytes.items()}
+        v["zray_comm_seconds_total"] = dict(stats.seconds)
+
+    def logged(self, engine: Engine, loss: float) -> None:
+        """At logging steps, where reading device values (a host sync) is already paid for."""
+        v = self.values
+        v["zray_loss"] = loss
+        if engine.last_grad_norm is not None:
+            v["zray_grad_norm"] = float(engine.last_grad_norm.item())
+        v["zray_state_bytes"] = {k: float(b) for k, b in engine.memory_breakdown().items()}
+        if engine.ctx.is_cuda:
+            dev = engine.ctx.device
+            v["zray_memory_allocated_bytes"] = float(torch.cuda.memory_allocated(dev))
+            v["zray_memory_reserved_bytes"] = float(torch.cuda.memory_reserved(dev))
+            v["zray_memory_peak_bytes"] = float(torch.cuda.max_memory_allocated(dev))
+        else:
+            rss = _rss_bytes()
+            self._peak_rss = max(self._peak_rss, rss)
+            v["zray_memory_allocated_bytes"] = rss
+            v["zray_memory_reserved_bytes"] = rss
+            v["zray_memory_peak_bytes"] = self._peak_rss
+
+    def checkpoint_saved(self, seconds: float, nbytes: int) -> None:
+        self.values["zray_checkpoint_save_seconds"] = seconds
+        self.values["zray_checkpoint_bytes_total"] = (
+            float(self.values["zray_checkpoint_bytes_total"]) + nbytes
+        )
+
+    def checkpoint_loaded(self, seconds: float) -> None:
+        self.values["zray_checkpoint_load_seconds"] = seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.values.items()}
