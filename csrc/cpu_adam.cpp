@@ -107,7 +107,7 @@ AdamCoeffs coefficients(const AdamHyper& h) {
   c.one_minus_lerp_weight = 1.0f - c.lerp_weight;
   c.lerp_from_grad = !(std::fabs(c.lerp_weight) < 0.5f);
   c.beta2 = static_cast<float>(h.beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2) * 1.00001f;
+  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
   c.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
   c.eps = static_cast<float>(h.eps);
   c.neg_step_size = static_cast<float>(-(h.lr / bias_correction1));

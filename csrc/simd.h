@@ -74,7 +74,7 @@ struct Avx2 {
     // float_to_bf16 on 8 lanes: bits + 0x7fff + lsb, keep the top half; nan -> 0x7fc0.
     const __m256i bits = _mm256_castps_si256(x);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i bias = _mm256_add_epi32(_mm256_setzero_si256(), _mm256_set1_epi32(0x8000)); (void)lsb;
+    const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
     const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
