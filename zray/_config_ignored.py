@@ -16,7 +16,6 @@ IGNORED_KEYS: dict[str, str] = {
     "csv_monitor": "use zray's Prometheus metrics",
     "comet": "use zray's Prometheus metrics",
     "comms_logger": "use zray's Prometheus metrics (communication metrics)",
-    "flops_profiler": "zray reports FLOPs and MFU through its metrics; a profiler comes later",
     "timers": "use zray's Prometheus metrics",
     "memory_breakdown": "use zray's Prometheus metrics (memory gauges)",
     "dump_state": "not implemented by zray",

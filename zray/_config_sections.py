@@ -168,6 +168,20 @@ class BF16Config(Section):
 
 
 @dataclass(frozen=True)
+class FlopsProfilerConfig(Section):
+    """DeepSpeed's `flops_profiler`: a per-module table of one training step."""
+
+    _path: ClassVar[str] = "flops_profiler"
+
+    enabled: bool = False
+    profile_step: int = field(default=1, metadata=meta(ge=1))  # the global step to profile
+    module_depth: int = field(default=-1, metadata=meta(ge=-1))  # -1: every depth
+    top_modules: int = field(default=1, metadata=meta(ge=1))  # accepted; the table shows all
+    detailed: bool = True
+    output_file: str | None = None  # None: print on rank 0
+
+
+@dataclass(frozen=True)
 class DataTypesConfig(Section):
     """DeepSpeed's `data_types`: the dtype gradients are accumulated in across micro-steps."""
 

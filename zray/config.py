@@ -30,6 +30,7 @@ from zray._config_sections import (
     ActivationCheckpointingConfig,
     BF16Config,
     DataTypesConfig,
+    FlopsProfilerConfig,
     FP16Config,
     OffloadConfig,
     OffloadOptimizerConfig,
@@ -54,6 +55,7 @@ __all__ = [
     "ConfigError",
     "DataTypesConfig",
     "FP16Config",
+    "FlopsProfilerConfig",
     "OffloadConfig",
     "OffloadOptimizerConfig",
     "OffloadParamConfig",
@@ -113,6 +115,7 @@ class Config(Section):
         default=None, metadata=meta(choices=("fp32", "fp16", "bf16"), ignore_case=True)
     )
     data_types: DataTypesConfig = field(default_factory=DataTypesConfig)
+    flops_profiler: FlopsProfilerConfig = field(default_factory=FlopsProfilerConfig)
     activation_checkpointing: ActivationCheckpointingConfig = field(
         default_factory=ActivationCheckpointingConfig
     )

@@ -24,6 +24,8 @@ from torch import nn
 from zray.activation_checkpointing import apply_activation_checkpointing
 from zray.config import BatchSizes, Config
 from zray.errors import ConfigError
+from zray.metrics.profiler import ProfileReport, profile_step
+from zray.metrics.timer import Phase, StepTimer
 from zray.optim import normalize_param_groups
 from zray.parallel.context import ParallelContext
 from zray.precision import LossScaler
@@ -109,6 +111,10 @@ class Engine(nn.Module):
         self.global_steps = 0
         self.skipped_steps = 0
         self.last_grad_norm: torch.Tensor | None = None
+        # wall_clock_breakdown: per-phase seconds (CUDA events; one sync when read).
+        self.timer = StepTimer(ctx.device, enabled=config.wall_clock_breakdown)
+        self.last_breakdown: dict[str, float] = {}
+        self.last_profile: ProfileReport | None = None
 
     # ---- the DeepSpeed-shaped API -------------------------------------------------------------
 
@@ -119,7 +125,8 @@ class Engine(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.zero.before_forward()
         try:
-            return self.module(*args, **kwargs)
+            with self.timer.phase(Phase.FORWARD):
+                return self.module(*args, **kwargs)
         finally:
             self.zero.after_forward()
 
@@ -132,9 +139,10 @@ class Engine(nn.Module):
         scaled = loss.float() / self.gas if self.gas > 1 else loss.float()
         if self.scaler.scale != 1.0:
             scaled = scaled * self.scaler.scale
-        self.zero.before_backward()
-        scaled.backward(retain_graph=retain_graph)
-        self.zero.after_backward()
+        with self.timer.phase(Phase.BACKWARD):
+            self.zero.before_backward()
+            scaled.backward(retain_graph=retain_graph)
+            self.zero.after_backward()
         return loss
 
     def step(self) -> None:
@@ -160,11 +168,21 @@ class Engine(nn.Module):
         (reading it is a host sync; do that only when logging).
         """
         total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
-        for _ in range(self.gas):
-            batch = _to_device(next(data_iter), self.ctx.device)
-            out = self(**batch) if isinstance(batch, dict) else self(*_as_tuple(batch))
-            loss = loss_fn(out, batch) if loss_fn is not None else extract_loss(out)
-            self.backward(loss)
+        profile = self.config.flops_profiler
+        for micro in range(self.gas):
+            with self.timer.phase(Phase.DATA):
+                batch = _to_device(next(data_iter), self.ctx.device)
+
+            def micro_step(batch: Any = batch) -> torch.Tensor:
+                out = self(**batch) if isinstance(batch, dict) else self(*_as_tuple(batch))
+                loss = loss_fn(out, batch) if loss_fn is not None else extract_loss(out)
+                self.backward(loss)
+                return loss
+
+            if profile.enabled and micro == 0 and self.global_steps + 1 == profile.profile_step:
+                loss = self._profiled(micro_step)
+            else:
+                loss = micro_step()
             self.step()
             total += loss.detach().float()
         return total / self.gas
@@ -213,9 +231,24 @@ class Engine(nn.Module):
 
     # ---- the step -----------------------------------------------------------------------------
 
+    def _profiled(self, micro_step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One micro-step under the FLOPs profiler; rank 0 prints or writes the table."""
+        box: list[torch.Tensor] = []
+        report = profile_step(self.module, lambda: box.append(micro_step()))
+        self.last_profile = report
+        if self.ctx.rank == 0:
+            cfg = self.config.flops_profiler
+            text = report.table(depth=cfg.module_depth if cfg.module_depth >= 0 else 1_000)
+            if cfg.output_file:
+                Path(cfg.output_file).write_text(text + "\n")
+            else:
+                print(text, flush=True)
+        return box[0]
+
     def _boundary_step(self) -> None:
         zero = self.zero
-        zero.reduce_gradients()  # 1
+        with self.timer.phase(Phase.COMMUNICATION):
+            zero.reduce_gradients()  # 1
         sumsq = zero.grad_sumsq()  # 2
         self.global_steps += 1
         if self.scaler.dynamic:  # 3
@@ -239,16 +272,26 @@ class Engine(nn.Module):
         clip = self.config.gradient_clipping
         if clip > 0:
             factor = factor * (clip / (norm + 1e-6)).clamp(max=1.0)
-        zero.scale_grads(factor)  # 4
-        zero.optimizer.step()  # 5
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        zero.publish_params()  # 6
+        with self.timer.phase(Phase.OPTIMIZER):
+            zero.scale_grads(factor)  # 4
+            zero.optimizer.step()  # 5
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        with self.timer.phase(Phase.COMMUNICATION):
+            zero.publish_params()  # 6
         zero.zero_grad()  # 7
-        if self.global_steps % self.config.steps_per_print == 0 and self.ctx.rank == 0:
-            log.info(
-                "step %d lr %s loss_scale %g", self.global_steps, self.get_lr(), self.scaler.scale
-            )
+        if self.global_steps % self.config.steps_per_print == 0:
+            if self.timer.enabled:
+                self.last_breakdown = self.timer.summary()  # syncs the device once
+                self.timer.reset()
+            if self.ctx.rank == 0:
+                log.info(
+                    "step %d lr %s loss_scale %g%s",
+                    self.global_steps,
+                    self.get_lr(),
+                    self.scaler.scale,
+                    _breakdown_text(self.last_breakdown),
+                )
 
     # ---- whole-model views --------------------------------------------------------------------
 
@@ -328,6 +371,12 @@ def _step_of(tag: str | int) -> int:
     if not text.isdigit():
         raise ValueError(f"checkpoint tag: got {tag!r}; allowed: a step number or 'global_stepN'")
     return int(text)
+
+
+def _breakdown_text(seconds: dict[str, float]) -> str:
+    if not seconds:
+        return ""
+    return " | " + " ".join(f"{k} {v * 1e3:.1f}ms" for k, v in seconds.items())
 
 
 def extract_loss(out: Any) -> torch.Tensor:

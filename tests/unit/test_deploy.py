@@ -734,6 +734,20 @@ def test_pods_are_not_privileged(cluster: Cluster) -> None:
 
 
 @pytest.mark.parametrize("cluster", CLUSTERS, ids=CLUSTER_IDS)
+def test_only_the_autoscaler_gets_a_kubernetes_api_token(cluster: Cluster) -> None:
+    # Ray needs no Kubernetes API access, except the autoscaler sidecar on the head, which
+    # scales the worker pods with the head pod's service account token.
+    autoscaling = bool(cluster.spec.get("enableInTreeAutoscaling"))
+    for where, pod in cluster.pods():
+        mounted = pod.get("automountServiceAccountToken", True)
+        wanted = autoscaling and where == "head"
+        assert mounted == wanted, (
+            f"{cluster.doc} {where}: automountServiceAccountToken should be {wanted}"
+            + (" (the autoscaler calls the Kubernetes API)" if wanted else "")
+        )
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS, ids=CLUSTER_IDS)
 def test_containers_run_as_user_1000_without_privileges(cluster: Cluster) -> None:
     for where, c, pod in _container_contexts(cluster):
         ctx, pod_ctx = c.get("securityContext", {}), pod.get("securityContext", {})
