@@ -37,18 +37,19 @@ ZRAY_BODY_TARGET inline V::F load_grad(const void* grad, int64_t i) {
 }
 
 template <Out O>
-ZRAY_BODY_TARGET inline void store_out(void* out, int64_t i, V::F p) {
+ZRAY_BODY_TARGET inline void store_out(void* out, int64_t i, V::F p, bool stream) {
+  uint16_t* dst = static_cast<uint16_t*>(out) + i;
   if constexpr (O == Out::kBFloat16) {
-    V::store_bf16(static_cast<uint16_t*>(out) + i, p);
+    stream ? V::stream_bf16(dst, p) : V::store_bf16(dst, p);
   } else if constexpr (O == Out::kFloat16) {
-    V::store_fp16(static_cast<uint16_t*>(out) + i, p);
+    stream ? V::stream_fp16(dst, p) : V::store_fp16(dst, p);
   }
 }
 
 // Elements [i, i + V::kWidth): the whole update, torch's operation order (see cpu_adam.h).
 template <DType G, Out O, Decay D>
 ZRAY_BODY_TARGET inline void step_vector(const AdamBuffers& b, int64_t i, const VecCoeffs& k,
-                                         bool lerp_from_grad) {
+                                         bool lerp_from_grad, bool stream) {
   using F = V::F;
   F p = V::load(b.param + i);
   F g = V::mul(load_grad<G>(b.grad, i), k.grad_scale);
@@ -71,7 +72,7 @@ ZRAY_BODY_TARGET inline void step_vector(const AdamBuffers& b, int64_t i, const 
   V::store(b.param + i, p);
   V::store(b.exp_avg + i, m);
   V::store(b.exp_avg_sq + i, v);
-  store_out<O>(b.out, i, p);
+  store_out<O>(b.out, i, p, stream);
 }
 
 // The last n < V::kWidth elements: copied into zero-padded scratch one vector wide, stepped by
@@ -95,7 +96,7 @@ ZRAY_BODY_TARGET void step_tail(const AdamBuffers& b, int64_t i, int64_t n, cons
   std::memcpy(g, static_cast<const unsigned char*>(b.grad) + i * kGradSize,
               static_cast<size_t>(n * kGradSize));
   const AdamBuffers scratch{p, g, m, v, out};
-  step_vector<G, O, D>(scratch, 0, k, lerp_from_grad);
+  step_vector<G, O, D>(scratch, 0, k, lerp_from_grad, /*stream=*/false);
   std::memcpy(b.param + i, p, nf);
   std::memcpy(b.exp_avg + i, m, nf);
   std::memcpy(b.exp_avg_sq + i, v, nf);
@@ -111,8 +112,15 @@ ZRAY_BODY_TARGET void step_span(const AdamBuffers& b, int64_t begin, int64_t end
   constexpr int64_t kW = V::kWidth;
   const VecCoeffs k = broadcast(c);
   const bool from_grad = c.lerp_from_grad;
+  // Streaming stores for the 16-bit copy when its vectors are aligned for them (chunks start
+  // at multiples of 64K elements, so that depends only on the buffer's address).
+  const bool stream = O != Out::kNone && V::kStreamAlign != 0 &&
+                      reinterpret_cast<uintptr_t>(static_cast<uint16_t*>(b.out) + begin) %
+                              V::kStreamAlign ==
+                          0;
   int64_t i = begin;
-  for (; i + kW <= end; i += kW) step_vector<G, O, D>(b, i, k, from_grad);
+  for (; i + kW <= end; i += kW) step_vector<G, O, D>(b, i, k, from_grad, stream);
+  if (stream) V::stream_fence();  // order them before the caller (or the DMA) reads the copy
   if constexpr (kW > 1) {
     if (i < end) step_tail<G, O, D>(b, i, end - i, k, from_grad);
   }

@@ -42,6 +42,11 @@ struct Scalar {
   static F load_fp16(const uint16_t* p) { return fp16_to_float(*p); }
   static void store_bf16(uint16_t* p, F x) { *p = float_to_bf16(x); }
   static void store_fp16(uint16_t* p, F x) { *p = float_to_fp16(x); }
+  // No non-temporal stores here (kStreamAlign 0: never taken); see Avx2.
+  static constexpr uintptr_t kStreamAlign = 0;
+  static void stream_bf16(uint16_t* p, F x) { store_bf16(p, x); }
+  static void stream_fp16(uint16_t* p, F x) { store_fp16(p, x); }
+  static void stream_fence() {}
 
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
@@ -70,7 +75,7 @@ struct Avx2 {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 
-  ZRAY_TARGET_AVX2 static void store_bf16(uint16_t* p, F x) {
+  ZRAY_TARGET_AVX2 static __m128i to_bf16(F x) {
     // float_to_bf16 on 8 lanes: bits + 0x7fff + lsb, keep the top half; nan -> 0x7fc0.
     const __m256i bits = _mm256_castps_si256(x);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -81,11 +86,30 @@ struct Avx2 {
     // Every lane is <= 0xffff, so the saturating pack is exact. It packs within 128-bit halves
     // ([r0..3 r0..3 | r4..7 r4..7] as 64-bit words q0 q1 q2 q3), so gather q0 and q2.
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(packed);
+  }
+  ZRAY_TARGET_AVX2 static __m128i to_fp16(F x) {
+    return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+  }
+  ZRAY_TARGET_AVX2 static void store_bf16(uint16_t* p, F x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(x));
   }
   ZRAY_TARGET_AVX2 static void store_fp16(uint16_t* p, F x) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_fp16(x));
   }
+
+  // Non-temporal ("streaming") stores of the 16-bit copy: it is written once and next read by
+  // a DMA engine, not by this CPU, so skipping the cache saves the read-for-ownership of each
+  // line (2 of the offload step's 30 bytes per element) and keeps the moments cached.
+  // Need kStreamAlign-byte aligned addresses; weakly ordered, so stream_fence() after them.
+  static constexpr uintptr_t kStreamAlign = 16;
+  ZRAY_TARGET_AVX2 static void stream_bf16(uint16_t* p, F x) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(x));
+  }
+  ZRAY_TARGET_AVX2 static void stream_fp16(uint16_t* p, F x) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_fp16(x));
+  }
+  ZRAY_TARGET_AVX2 static void stream_fence() { _mm_sfence(); }
 
   ZRAY_TARGET_AVX2 static F add(F a, F b) { return _mm256_add_ps(a, b); }
   ZRAY_TARGET_AVX2 static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
@@ -112,20 +136,35 @@ struct Avx512 {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
 
-  ZRAY_TARGET_AVX512 static void store_bf16(uint16_t* p, F x) {
-    // Same arithmetic as Avx2::store_bf16; vpmovdw (AVX-512F) truncates each lane to 16 bits.
+  ZRAY_TARGET_AVX512 static __m256i to_bf16(F x) {
+    // Same arithmetic as Avx2::to_bf16; vpmovdw (AVX-512F) truncates each lane to 16 bits.
     const __m512i bits = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
+  }
+  ZRAY_TARGET_AVX512 static __m256i to_fp16(F x) {
+    return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+  }
+  ZRAY_TARGET_AVX512 static void store_bf16(uint16_t* p, F x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(x));
   }
   ZRAY_TARGET_AVX512 static void store_fp16(uint16_t* p, F x) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_fp16(x));
   }
+
+  // As Avx2's (a 32-byte vmovntdq, AVX; its alignment is 32).
+  static constexpr uintptr_t kStreamAlign = 32;
+  ZRAY_TARGET_AVX512 static void stream_bf16(uint16_t* p, F x) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(x));
+  }
+  ZRAY_TARGET_AVX512 static void stream_fp16(uint16_t* p, F x) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_fp16(x));
+  }
+  ZRAY_TARGET_AVX512 static void stream_fence() { _mm_sfence(); }
 
   ZRAY_TARGET_AVX512 static F add(F a, F b) { return _mm512_add_ps(a, b); }
   ZRAY_TARGET_AVX512 static F sub(F a, F b) { return _mm512_sub_ps(a, b); }

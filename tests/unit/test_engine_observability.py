@@ -44,7 +44,7 @@ def test_breakdown_and_profile_from_config(tmp_path: Path) -> None:
     }
     assert all(v > 0 for v in engine.last_breakdown.values())
     text = out.read_text()
-    assert "blocks.0" in text and "lm_head" in text
+    assert "(Block)" in text and "lm_head (Linear)" in text and "fc (Linear)" in text
     # The profiled micro-step's FLOPs equal torch's own count of the same forward + backward.
     torch.manual_seed(0)
     ref = GPT(CFG)
