@@ -267,6 +267,25 @@ def test_every_isa_gives_the_scalar_bits(
             assert _same_bits(a, b), isa
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_unaligned_output_gives_the_same_bits(ext: ModuleType, out_dtype: torch.dtype) -> None:
+    # An aligned 16-bit output takes streaming stores, an unaligned one (a view one element
+    # in) ordinary stores: both must write the same values.
+    n = 70_001
+    gen = _gen(14)
+    start = _state(n, gen)
+    grad = _grad(n, torch.float16, gen)
+    for isa in _isas(ext):
+        outs = []
+        for offset in (0, 1):
+            p, m, v = (t.clone() for t in start)
+            out = torch.empty(n + offset, dtype=out_dtype)[offset:]
+            assert out.data_ptr() % 16 == 2 * offset  # torch allocates 64-byte aligned
+            ops.adam_step(p, grad, m, v, step=1, out=out, isa=isa, **HYPER)
+            outs.append(out.clone())
+        assert _same_bits(outs[0], outs[1]), isa
+
+
 def test_same_bits_for_every_thread_count(ext: ModuleType) -> None:
     n = 300_007
     gen = _gen(12)

@@ -162,8 +162,11 @@ class Controller:
             return
         if self.metrics is not None:
             for r in reports:
-                self.metrics.update_rank(r.rank, r.node, r.stage, r.metrics)
-            self.metrics.keep_ranks({r.rank for r in reports})
+                # A restarted worker has nothing to say before its first step: keep showing
+                # the rank's last values rather than making its series vanish and reappear.
+                if r.metrics:
+                    self.metrics.update_rank(r.rank, r.node, r.stage, r.metrics)
+            self.metrics.keep_ranks(set(range(self.status.world_size)))
         ordered = sorted(reports, key=lambda r: r.rank)
         self.status.worker_pids = [r.pid for r in ordered]
         self.status.worker_nodes = [r.node for r in ordered]
