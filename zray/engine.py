@@ -7,6 +7,8 @@
 3. skip?:    fp16 only: a non-finite sum skips the step on every rank (the one host sync)
 4. scale:    one multiply per shard = 1 / (loss scale x world) x clip coefficient, on the device
 5. update:   the torch optimizer steps this rank's fp32 master shard, then the LR schedule
+             (offload: the gradient shard goes to host memory in step 1, and steps 4-5 are one
+             fused pass of zray's CPU Adam that also writes the 16-bit parameter copy)
 6. publish:  new master weights cast into the compute parameters and all-gathered (stages 1-2)
 7. zero:     gradient buffers cleared for the next accumulation cycle
 """
@@ -33,6 +35,7 @@ from zray.schedulers import build_scheduler
 from zray.zero import comm
 from zray.zero.optimizer import ZeroOptimizer
 from zray.zero.partition import StagePlan
+from zray.zero.unit import UnitSettings
 
 log = logging.getLogger("zray")
 
@@ -77,15 +80,23 @@ class Engine(nn.Module):
                 f"at ZeRO stages 0-1, the compute dtype ({self.compute_dtype}); other dtypes "
                 "need stage 2 or 3",
             )
+        zcfg = config.zero_optimization
+        settings = UnitSettings(
+            compute_dtype=self.compute_dtype,
+            reduce_dtype=reduce_dtype,
+            accum_dtype=accum_dtype,
+            grads_in_backward=self.plan.reduce_in_backward,
+            offload_optimizer=zcfg.offload_optimizer.enabled,
+            offload_params=zcfg.offload_param.enabled,
+            pin_memory=zcfg.offload_optimizer.pin_memory or zcfg.offload_param.pin_memory,
+        )
         self.zero = ZeroOptimizer(
             model,
             groups,
             self.plan,
             ctx,
-            compute_dtype=self.compute_dtype,
-            reduce_dtype=reduce_dtype,
-            accum_dtype=accum_dtype,
-            zero_cfg=config.zero_optimization,
+            settings,
+            zero_cfg=zcfg,
             optimizer_spec=config.optimizer,
             client_optimizer=optimizer,
         )
@@ -273,8 +284,7 @@ class Engine(nn.Module):
         if clip > 0:
             factor = factor * (clip / (norm + 1e-6)).clamp(max=1.0)
         with self.timer.phase(Phase.OPTIMIZER):
-            zero.scale_grads(factor)  # 4
-            zero.optimizer.step()  # 5
+            zero.update(factor)  # 4 + 5
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
         with self.timer.phase(Phase.COMMUNICATION):

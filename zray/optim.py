@@ -105,3 +105,47 @@ def build_optimizer(
 def group_overrides(group: dict[str, Any]) -> dict[str, Any]:
     """The hyperparameters a user's param group sets for itself."""
     return {k: v for k, v in group.items() if k in _GROUP_KEYS}
+
+
+def build_cpu_optimizer(
+    spec: Any,
+    groups: ParamGroups,
+    client: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
+) -> torch.optim.Optimizer:
+    """The optimizer for offloaded master weights: zray's compiled CPU Adam / AdamW."""
+    from zray.errors import ConfigError
+    from zray.ops.cpu_adam import CPUAdam
+
+    if client is not None:
+        if not isinstance(client, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ConfigError(
+                "zero_optimization.offload_optimizer.device",
+                "cpu",
+                "a config optimizer or a client torch.optim.Adam/AdamW (the CPU step is Adam)",
+                f"got a client {type(client).__name__}",
+            )
+        d = client.defaults
+        decoupled = isinstance(client, torch.optim.AdamW)
+        return CPUAdam(
+            groups,
+            lr=d["lr"],
+            betas=tuple(d["betas"]),
+            eps=d["eps"],
+            weight_decay=d["weight_decay"],
+            adamw_mode=decoupled,
+        )
+    if spec is None or spec.type not in ("Adam", "AdamW"):
+        raise ConfigError(
+            "zero_optimization.offload_optimizer.device",
+            "cpu",
+            "with optimizer type Adam or AdamW (zray's CPU step is Adam)",
+            f"optimizer is {None if spec is None else spec.type}",
+        )
+    return CPUAdam(
+        groups,
+        lr=spec.lr,
+        betas=tuple(spec.betas),
+        eps=spec.eps,
+        weight_decay=spec.weight_decay,
+        adamw_mode=spec.decoupled_weight_decay,
+    )

@@ -373,3 +373,25 @@ def param_groups_all_stages() -> dict[int, dict[str, torch.Tensor] | None]:
         state = engine.consolidated_state_dict()
         out[stage] = state if ctx.dp_rank == 0 else None
     return out
+
+
+def offload_all_stages() -> dict[int, dict[str, Any]]:
+    """Stages 1-3 with the optimizer (and at stage 3 also the parameters) offloaded to host
+    memory, next to the same stage without offload."""
+    out: dict[int, dict[str, Any]] = {}
+    for stage in (1, 2, 3):
+        zero = {
+            "stage": stage,
+            "reduce_bucket_size": 3000,
+            "stage3_param_persistence_threshold": 100,
+        }
+        plain = train(stage, zero_optimization=zero)
+        offload = {"device": "cpu", "pin_memory": True}
+        extra = {**zero, "offload_optimizer": offload}
+        if stage == 3:
+            extra["offload_param"] = {"device": "cpu"}
+        out[stage] = {
+            "plain": plain["state"],
+            "offload": train(stage, zero_optimization=extra)["state"],
+        }
+    return out

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from zray import ops
-from zray.optim import ParamGroups, build_optimizer, group_overrides
+from zray.optim import ParamGroups, build_cpu_optimizer, build_optimizer, group_overrides
 from zray.parallel.context import ParallelContext
 from zray.zero import comm
 from zray.zero.grouping import UnitSpec, bucket_units, module_units
 from zray.zero.hooks import GradHooks, Stage3Hooks
 from zray.zero.partition import Segment, StagePlan, build_layout
-from zray.zero.unit import FlatUnit, UnitKind
+from zray.zero.unit import FlatUnit, UnitKind, UnitSettings
 
 
 class ZeroOptimizer:
@@ -33,14 +33,13 @@ class ZeroOptimizer:
         groups: ParamGroups,
         plan: StagePlan,
         ctx: ParallelContext,
-        compute_dtype: torch.dtype,
-        reduce_dtype: torch.dtype,
-        accum_dtype: torch.dtype,
+        settings: UnitSettings,
         zero_cfg: Any,
         optimizer_spec: Any,
         client_optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None,
     ) -> None:
-        self.plan, self.ctx = plan, ctx
+        self.plan, self.ctx, self.settings = plan, ctx, settings
+        self.offload = settings.offload_optimizer
         group_of: dict[int, int] = {}
         for gi, g in enumerate(groups):
             for p in g["params"]:
@@ -63,9 +62,7 @@ class ZeroOptimizer:
             specs = module_units(model, int(zero_cfg.stage3_param_persistence_threshold))
         else:
             specs = bucket_units(model, int(zero_cfg.reduce_bucket_size))
-        self.units = [
-            self._make_unit(s, group_of, compute_dtype, reduce_dtype, accum_dtype) for s in specs
-        ]
+        self.units = [self._make_unit(s, group_of) for s in specs]
 
         self.grad_hooks: GradHooks | None = None
         self.stage3: Stage3Hooks | None = None
@@ -87,17 +84,13 @@ class ZeroOptimizer:
                 self._segments.append((unit, seg.shard_lo, seg.shard_hi, t))
                 self.segment_tensors[(ui, seg.group)] = (seg, t)
                 seg_groups[seg.group]["params"].append(t)
-        self.optimizer = build_optimizer(optimizer_spec, seg_groups, client_optimizer)
+        if self.offload:
+            self.optimizer = build_cpu_optimizer(optimizer_spec, seg_groups, client_optimizer)
+        else:
+            self.optimizer = build_optimizer(optimizer_spec, seg_groups, client_optimizer)
         self._master_grads: dict[FlatUnit, torch.Tensor] = {}
 
-    def _make_unit(
-        self,
-        spec: UnitSpec,
-        group_of: dict[int, int],
-        compute_dtype: torch.dtype,
-        reduce_dtype: torch.dtype,
-        accum_dtype: torch.dtype,
-    ) -> FlatUnit:
+    def _make_unit(self, spec: UnitSpec, group_of: dict[int, int]) -> FlatUnit:
         named = [(n, p.shape, group_of.get(id(p), -1)) for n, p in spec.params]
         sharded = self.plan.partition_optimizer
         layout = build_layout(named, self.ctx.dp_size, sharded)
@@ -114,10 +107,7 @@ class ZeroOptimizer:
             params,
             kind,
             self.ctx,
-            compute_dtype,
-            reduce_dtype,
-            accum_dtype,
-            grads_in_backward=self.plan.reduce_in_backward,
+            self.settings,
         )
 
     # ---- micro-step hooks the engine calls ----------------------------------------------------
@@ -163,8 +153,22 @@ class ZeroOptimizer:
             for unit, pending, out in launched:
                 pending.wait()
                 self._master_grads[unit] = out if out.dtype == torch.float32 else out.float()
+        if self.offload:
+            self._gradients_to_host()
+            return
         for unit, lo, hi, t in self._segments:
             t.grad = self._master_grads[unit][lo:hi]
+
+    def _gradients_to_host(self) -> None:
+        """Offload: each unit's reduced gradient shard into its host buffer, in the reduce dtype
+        (bf16 crosses PCIe at half fp32's bytes; the fused CPU step widens it as it reads)."""
+        for unit in self.units:
+            src = unit.grad_acc if unit.grad_acc is not None else self._master_grads[unit]
+            assert unit.grad_host is not None
+            unit.grad_host.copy_(src, non_blocking=True)
+            self._master_grads[unit] = unit.grad_host
+        if self.ctx.is_cuda:
+            torch.cuda.current_stream().synchronize()  # host sync: the CPU step reads them next
 
     def grad_sumsq(self) -> torch.Tensor:
         """Sum of squares of the summed gradients over all ranks, as a 1-element fp32 tensor.
@@ -173,7 +177,7 @@ class ZeroOptimizer:
         fp16 overflow question. Stage 0 gradients are whole on every rank: no communication.
         """
         grads = list(self._master_grads.values())
-        if self.ctx.device.type == "cpu":
+        if grads and grads[0].device.type == "cpu":
             # One pass per buffer in the compiled kernel (fp64 accumulation).
             total = sum(ops.sumsq_nonfinite(g)[0] for g in grads)
             out = torch.tensor([total], dtype=torch.float32)
@@ -191,6 +195,28 @@ class ZeroOptimizer:
         grads = list(self._master_grads.values())
         if grads:
             torch._foreach_mul_(grads, factor.reshape(()).to(grads[0].device))
+
+    def update(self, factor: torch.Tensor) -> None:
+        """Scale the gradients by `factor` and step the optimizer on this rank's shard.
+
+        Offload: one fused pass per segment on the CPU reads the 16-bit gradient, applies the
+        factor, updates fp32 master and Adam states, and writes the 16-bit parameter copy that
+        `publish_params` sends back to the device.
+        """
+        if not self.offload:
+            self.scale_grads(factor)
+            self.optimizer.step()
+            return
+        scale = float(factor.reshape(()).item())  # host sync (the grads are on the host anyway)
+        where = {id(t): (unit, lo, hi) for unit, lo, hi, t in self._segments}
+        grads, outs = [], []
+        for group in self.optimizer.param_groups:
+            for t in group["params"]:
+                unit, lo, hi = where[id(t)]
+                grads.append(self._master_grads[unit][lo:hi])
+                outs.append(None if unit.lowp_host is None else unit.lowp_host[lo:hi])
+        lowp = None if any(o is None for o in outs) else outs
+        self.optimizer.step_fused(grads, grad_scale=scale, out_lowp=lowp)
 
     def publish_params(self) -> None:
         """Copy updated master weights into the compute parameters and all-gather them."""

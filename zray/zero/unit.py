@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,6 +41,19 @@ class ShardState(enum.Enum):
     GATHERED = "gathered"  # `full` holds every parameter
 
 
+@dataclass(frozen=True)
+class UnitSettings:
+    """How every unit of an engine holds its buffers (decided once, from the config)."""
+
+    compute_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+    accum_dtype: torch.dtype
+    grads_in_backward: bool  # stages 2-3: hooks feed buckets during backward
+    offload_optimizer: bool = False  # master weights (and the optimizer) in CPU memory
+    offload_params: bool = False  # stage 3: the parameter shard in CPU memory
+    pin_memory: bool = False  # host buffers page-locked, so copies to/from the GPU are async
+
+
 class FlatUnit:
     def __init__(
         self,
@@ -49,34 +63,51 @@ class FlatUnit:
         params: list[nn.Parameter],
         kind: UnitKind,
         ctx: ParallelContext,
-        compute_dtype: torch.dtype,
-        reduce_dtype: torch.dtype,
-        accum_dtype: torch.dtype,
-        grads_in_backward: bool,
+        settings: UnitSettings,
     ) -> None:
         assert len(params) == len(layout.slots)
         self.name, self.module, self.layout, self.params = name, module, layout, params
-        self.kind, self.ctx = kind, ctx
-        self.compute_dtype, self.reduce_dtype = compute_dtype, reduce_dtype
-        self.grads_in_backward = grads_in_backward
+        self.kind, self.ctx, self.settings = kind, ctx, settings
+        compute_dtype = settings.compute_dtype
+        self.compute_dtype, self.reduce_dtype = compute_dtype, settings.reduce_dtype
+        self.grads_in_backward = settings.grads_in_backward
         self.device = ctx.device
         self.trainable = sum(1 for s in layout.slots if s.group >= 0)
         lo, hi = layout.shard_range(ctx.dp_rank)
         self.shard_lo, self.shard_hi = lo, hi
+        pin = settings.pin_memory and torch.cuda.is_available()
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            """A CPU copy of t, page-locked when asked (pinning needs CUDA)."""
+            out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            return out.copy_(t)
 
         # Build the fp32 flat buffer from the parameters as the user made them, so the master
         # weights keep full precision even when the compute copy is bf16/fp16.
         flat32 = torch.zeros(layout.padded_numel, dtype=torch.float32, device=self.device)
         for slot, p in zip(layout.slots, params, strict=True):
             flat32[slot.offset : slot.end].copy_(p.detach().reshape(-1))
-        alias = compute_dtype == torch.float32
-        self.full = flat32 if alias else flat32.to(compute_dtype)
+        # fp32 without offload: the master weights are the parameters themselves.
+        alias = compute_dtype == torch.float32 and not settings.offload_optimizer
+        self.full = flat32 if compute_dtype == torch.float32 else flat32.to(compute_dtype)
         self.shard: torch.Tensor | None = None
         if kind is UnitKind.ON_DEMAND:
-            self.shard = self.full[lo:hi].clone()
+            shard = self.full[lo:hi].clone()
+            self.shard = host(shard) if settings.offload_params else shard
             self.master = self.shard if alias else flat32[lo:hi].clone()
         else:
             self.master = self.full[lo:hi] if alias else flat32[lo:hi].clone()
+        # Offload: fp32 master in host memory; the gradient shard and, for 16-bit compute, the
+        # updated parameters cross PCIe in the compute dtype (half the bytes of fp32).
+        self.grad_host: torch.Tensor | None = None
+        self.lowp_host: torch.Tensor | None = None
+        if settings.offload_optimizer:
+            self.master = host(self.master)
+            self.grad_host = torch.zeros(hi - lo, dtype=settings.reduce_dtype, pin_memory=pin)
+            if compute_dtype != torch.float32:
+                # Starts as the current values: frozen parameters and padding, which the step
+                # never writes, go back to the device unchanged.
+                self.lowp_host = host(self.full[lo:hi])
         del flat32
         for slot, p in zip(layout.slots, params, strict=True):
             p.data = self.full[slot.offset : slot.end].view(slot.shape)
@@ -84,8 +115,8 @@ class FlatUnit:
 
         self.grads: torch.Tensor | None = None
         self.grad_acc: torch.Tensor | None = None
-        if grads_in_backward:
-            self.grad_acc = torch.zeros(hi - lo, dtype=accum_dtype, device=self.device)
+        if settings.grads_in_backward:
+            self.grad_acc = torch.zeros(hi - lo, dtype=settings.accum_dtype, device=self.device)
         else:
             self.grads = torch.zeros(layout.padded_numel, dtype=compute_dtype, device=self.device)
             self.install_grad_views()
@@ -109,9 +140,12 @@ class FlatUnit:
         # Writing into the buffer bumps the version counter that the parameter views share,
         # which would fail autograd's saved-tensor check in backward; the values are the same
         # parameters as in forward, so the bump is suppressed.
+        src = self.shard
+        if src.device != self.full.device:  # offload_param: the shard comes up from host memory
+            src = src.to(self.full.device, non_blocking=True)
         with torch.autograd._unsafe_preserve_version_counter(self.full):
             self._gather = comm.all_gather_flat(
-                self.full, self.shard, self.ctx.dp_group, self.ctx.comm_stats
+                self.full, src, self.ctx.dp_group, self.ctx.comm_stats
             )
         self.state = ShardState.GATHERING
 
@@ -133,15 +167,20 @@ class FlatUnit:
         self.state = ShardState.SHARDED
 
     def publish(self) -> comm.Pending | None:
-        """After the optimizer step: make the compute parameters equal the new master weights."""
+        """After the optimizer step: make the compute parameters equal the new master weights.
+
+        With offload the updated values come up from host memory: the 16-bit copy the fused
+        CPU step wrote (or the fp32 master when computing in fp32), copied asynchronously.
+        """
+        src = self.lowp_host if self.lowp_host is not None else self.master
         if self.kind is UnitKind.ON_DEMAND:
             assert self.shard is not None
-            if self.master.data_ptr() != self.shard.data_ptr():
-                self.shard.copy_(self.master)
+            if src.data_ptr() != self.shard.data_ptr():
+                self.shard.copy_(src, non_blocking=True)
             return None
         local = self.full[self.shard_lo : self.shard_hi]
-        if self.master.data_ptr() != local.data_ptr():
-            local.copy_(self.master)
+        if src.data_ptr() != local.data_ptr():
+            local.copy_(src, non_blocking=True)
         if self.kind is UnitKind.REPLICATED:
             return None
         return comm.all_gather_flat(self.full, local, self.ctx.dp_group, self.ctx.comm_stats)
