@@ -151,7 +151,7 @@ class Engine(nn.Module):
         if self.scaler.scale != 1.0:
             scaled = scaled * self.scaler.scale
         with self.timer.phase(Phase.BACKWARD):
-            self.zero.before_backward()
+            self.zero.before_backward(boundary=self.is_gradient_accumulation_boundary())
             scaled.backward(retain_graph=retain_graph)
             self.zero.after_backward()
         return loss

@@ -43,9 +43,9 @@ class GradHooks:
         self.units = units
         self.max_inflight = max_inflight
         self._inflight: deque[FlatUnit] = deque()
-        self.on_unit_done: list[
-            Callable[[FlatUnit], None]
-        ] = []  # callbacks(unit) run after a unit's reduce launches
+        # callbacks(unit): after a unit's reduce launches / after its result is accumulated
+        self.on_unit_done: list[Callable[[FlatUnit], None]] = []
+        self.on_drained: list[Callable[[FlatUnit], None]] = []
         self._handles = []
         for unit in units:
             for i, (slot, p) in enumerate(zip(unit.layout.slots, unit.params, strict=True)):
@@ -62,8 +62,13 @@ class GradHooks:
     def _launched(self, unit: FlatUnit) -> None:
         self._inflight.append(unit)
         while len(self._inflight) > self.max_inflight:
-            self._inflight.popleft().drain_reduce()
+            self._drain(self._inflight.popleft())
         for cb in self.on_unit_done:
+            cb(unit)
+
+    def _drain(self, unit: FlatUnit) -> None:
+        unit.drain_reduce()
+        for cb in self.on_drained:
             cb(unit)
 
     def finish_backward(self) -> None:
@@ -77,7 +82,7 @@ class GradHooks:
                 unit.launch_reduce()
                 self._inflight.append(unit)
         while self._inflight:
-            self._inflight.popleft().drain_reduce()
+            self._drain(self._inflight.popleft())
         for unit in self.units:
             unit._ready = 0
 

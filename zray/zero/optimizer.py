@@ -72,6 +72,14 @@ class ZeroOptimizer:
             self.stage3 = Stage3Hooks(self.units, int(zero_cfg.stage3_prefetch_bucket_size))
             assert self.grad_hooks is not None
             self.grad_hooks.on_unit_done.append(self.stage3.on_grads_reduced)
+        # Offload at stages 2-3: on the last micro-step of a cycle each unit's gradient shard
+        # starts for host memory as soon as its bucket is reduced, on a side stream, while the
+        # rest of backward runs; `_gradients_to_host` only waits for what is still in flight.
+        self._boundary = False
+        self._sent: set[FlatUnit] = set()
+        self._d2h = torch.cuda.Stream(ctx.device) if ctx.is_cuda and self.offload else None
+        if self.offload and self.grad_hooks is not None:
+            self.grad_hooks.on_drained.append(self._send_to_host)
 
         # One optimizer tensor per (unit, group) segment of this rank's master shard.
         self._segments: list[tuple[FlatUnit, int, int, torch.Tensor]] = []
@@ -120,7 +128,8 @@ class ZeroOptimizer:
         if self.stage3 is not None:
             self.stage3.end_forward()
 
-    def before_backward(self) -> None:
+    def before_backward(self, boundary: bool = False) -> None:
+        self._boundary = boundary
         if self.grad_hooks is None:
             for unit in self.units:
                 unit.install_grad_views()
@@ -159,14 +168,32 @@ class ZeroOptimizer:
         for unit, lo, hi, t in self._segments:
             t.grad = self._master_grads[unit][lo:hi]
 
+    def _send_to_host(self, unit: FlatUnit) -> None:
+        """Start one unit's gradient shard for host memory (boundary micro-step only)."""
+        if not self._boundary or unit.grad_acc is None:
+            return
+        assert unit.grad_host is not None
+        if self._d2h is None:
+            unit.grad_host.copy_(unit.grad_acc)
+        else:
+            # The copy must see the accumulation the default stream just queued.
+            self._d2h.wait_stream(torch.cuda.current_stream(self.ctx.device))
+            with torch.cuda.stream(self._d2h):
+                unit.grad_host.copy_(unit.grad_acc, non_blocking=True)
+        self._sent.add(unit)
+
     def _gradients_to_host(self) -> None:
         """Offload: each unit's reduced gradient shard into its host buffer, in the reduce dtype
         (bf16 crosses PCIe at half fp32's bytes; the fused CPU step widens it as it reads)."""
         for unit in self.units:
-            src = unit.grad_acc if unit.grad_acc is not None else self._master_grads[unit]
             assert unit.grad_host is not None
-            unit.grad_host.copy_(src, non_blocking=True)
+            if unit not in self._sent:
+                src = unit.grad_acc if unit.grad_acc is not None else self._master_grads[unit]
+                unit.grad_host.copy_(src, non_blocking=True)
             self._master_grads[unit] = unit.grad_host
+        self._sent.clear()
+        if self._d2h is not None:
+            self._d2h.synchronize()
         if self.ctx.is_cuda:
             torch.cuda.current_stream().synchronize()  # host sync: the CPU step reads them next
 
