@@ -8,9 +8,9 @@
 // instantiates a body must also keep the compiler from contracting mul + add into FMA itself;
 // cpu_adam.cpp says how.)
 //
-// Conversions: loads of bfloat16 / float16 widen exactly; stores round to nearest, ties to
-// even, with the same bits as dtype.h's scalar float_to_bf16 / float_to_fp16 (tested for
-// every ISA this CPU runs).
+// Conversions: loads of bfloat16 / float16 widen exactly; stores (plain or streaming) round
+// to nearest, ties to even, with the same bits as dtype.h's scalar float_to_bf16 /
+// float_to_fp16 (tested for every ISA this CPU runs).
 #pragma once
 
 #include <cmath>
@@ -98,10 +98,11 @@ struct Avx2 {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_fp16(x));
   }
 
-  // Non-temporal ("streaming") stores of the 16-bit copy: it is written once and next read by
-  // a DMA engine, not by this CPU, so skipping the cache saves the read-for-ownership of each
-  // line (2 of the offload step's 30 bytes per element) and keeps the moments cached.
-  // Need kStreamAlign-byte aligned addresses; weakly ordered, so stream_fence() after them.
+  // Non-temporal ("streaming") stores, for the offload step's 16-bit copy: it is written once
+  // and next read by a copy engine bound for the GPU, not by this CPU, so bypassing the cache
+  // saves the read-for-ownership of each line it would otherwise do (2 of the 30 bytes per
+  // element the step would move) and does not evict data still being read. Need
+  // kStreamAlign-byte aligned addresses; weakly ordered, so stream_fence() after a run of them.
   static constexpr uintptr_t kStreamAlign = 16;
   ZRAY_TARGET_AVX2 static void stream_bf16(uint16_t* p, F x) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(x));

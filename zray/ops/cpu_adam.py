@@ -320,7 +320,7 @@ class CPUAdam(torch.optim.Optimizer):
         self,
         grads: Sequence[torch.Tensor],
         grad_scale: float = 1.0,
-        out_lowp: Sequence[torch.Tensor] | None = None,
+        out_lowp: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         """The offload step: one pass per param over gradient, master, states and 16-bit copy.
 
@@ -328,7 +328,10 @@ class CPUAdam(torch.optim.Optimizer):
         `[p for g in param_groups for p in g["params"]]`), float32, bfloat16 or float16, with
         the param's number of elements (any shape). grad_scale: one factor applied to every
         gradient element first, e.g. 1 / (loss_scale * world_size) * clip_coef. out_lowp: None,
-        or one bfloat16 / float16 tensor per param that receives the updated param.
+        or one entry per param: a bfloat16 / float16 tensor that receives the updated param, or
+        None for no copy of that one. A 16-bit output whose address is a multiple of 32 bytes
+        is written with streaming stores (the CPU skips reading its lines first); others work,
+        with ordinary stores.
         """
         params = [p for group in self.param_groups for p in group["params"]]
         if len(grads) != len(params):
