@@ -53,6 +53,8 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     from zray.models.data import lm_batch, synthetic_tokens
 
     cfg = getattr(gpt, args.model)()
+    if args.n_layer:
+        cfg = cfg.with_(n_layer=args.n_layer)
     torch.manual_seed(0)
     dev = torch.device(args.device)
     with dev:
@@ -108,6 +110,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="gpt_6b")
     p.add_argument("--micro", type=int, default=8)
+    p.add_argument("--n_layer", type=int, default=0, help="override the model's depth")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--engine", choices=["zray", "deepspeed"], default=None)
@@ -160,6 +163,8 @@ def main() -> None:
             str(args.lr),
             "--device",
             args.device,
+            "--n_layer",
+            str(args.n_layer),
         ]
         t0 = time.perf_counter()
         try:
@@ -171,7 +176,8 @@ def main() -> None:
                 else {
                     "engine": engine,
                     "offload": offload == "1",
-                    "error": (out.stderr or out.stdout)[-1500:],
+                    # -9: killed, e.g. by the kernel's OOM killer when host memory runs out
+                    "error": f"exit code {out.returncode}: " + (out.stderr or out.stdout)[-1500:],
                 }
             )
         except subprocess.TimeoutExpired:
