@@ -395,3 +395,21 @@ def offload_all_stages() -> dict[int, dict[str, Any]]:
             "offload": train(stage, zero_optimization=extra)["state"],
         }
     return out
+
+
+def capture_after_training(stage: int) -> dict[str, Any]:
+    """Train 3 steps, then return this rank's in-memory snapshot and the full state."""
+    from zray.checkpoint.engine_state import capture
+
+    ctx = zray.init_distributed()
+    engine, *_ = zray.initialize(model=fresh_model(), config=ds_config(stage, ctx.dp_size))
+    tokens = data()
+    for step in range(3):
+        for micro in range(GAS):
+            batch = micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size, ctx.device)
+            engine.backward(engine(**batch))
+            engine.step()
+    return {
+        "shard": capture(engine, sampler={"consumed_samples": 48, "seed": 0}),
+        "state": engine.consolidated_state_dict(),
+    }

@@ -27,6 +27,12 @@ class FakeGroup:
     def poll(self) -> GroupPoll:
         return self.script.pop(0) if len(self.script) > 1 else self.script[0]
 
+    def request_pause(self) -> None:
+        self.pause_requested = True
+
+    def snapshots(self) -> dict:
+        return {}
+
     def shutdown(self) -> None:
         self.shut = True
 
@@ -101,7 +107,8 @@ def test_gives_up_after_max_failures_with_one_merged_report() -> None:
     assert "failed ranks: [0, 1]" in msg and "ValueError: bad batch" in msg and "node lost" in msg
     assert "max_failures = 2" in msg
     assert c.state is RunState.ERRORED and c.restarts == 2
-    assert [d.split(":")[0] for d in c.status.decisions] == ["restart", "restart", "give_up"]
+    acts = [d.split(":")[0] for d in c.status.decisions if not d.startswith("started")]
+    assert acts == ["restart", "restart", "give_up"]
 
 
 def test_start_failure_goes_through_the_policy() -> None:
@@ -130,3 +137,140 @@ def test_policy_and_transitions_table() -> None:
     assert all(not TRANSITIONS[s] for s in RunState if s.terminal)
     with pytest.raises(AssertionError, match="finished -> running"):
         check_transition(RunState.FINISHED, RunState.RUNNING)
+
+
+# ---- elastic: planned grows, shrinking on failure, waiting for the minimum ------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def shard(rank: int, world: int, step: int) -> object:
+    from zray.checkpoint.shard import RankShard
+
+    return RankShard(
+        rank=rank, world_size=world, zero_stage=1, ranges=[], engine={"global_steps": step}
+    )
+
+
+class PausingGroup(FakeGroup):
+    """Trains until asked to pause; then every rank hands over its state of step 7."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, [running(5)])
+        self.pause_requested = False
+
+    def poll(self) -> GroupPoll:
+        if not self.pause_requested:
+            return running(5)
+        outcomes = {
+            r: RunOutcome(
+                steps=7,
+                losses=[],
+                tokens_per_s=0.0,
+                checkpoint=None,
+                world_size=self.size,
+                paused=True,
+                handover=shard(r, self.size, 7),
+            )
+            for r in range(self.size)
+        }
+        return GroupPoll(outcome=outcomes[0], outcomes=outcomes)
+
+
+def test_grows_when_capacity_appears_and_hands_state_over_in_memory() -> None:
+    clock, capacity = Clock(), {"n": 2}
+    made: list[FakeGroup] = []
+
+    def make(n: int) -> FakeGroup:
+        g = PausingGroup(n) if not made else FakeGroup(n, [GroupPoll(outcome=outcome())])
+        made.append(g)
+        return g
+
+    c = Controller(
+        make,
+        (2, 4),
+        FailurePolicy(2),
+        lambda: None,
+        valid_sizes=[2, 3, 4],
+        capacity=lambda current: capacity["n"],
+        scale_interval_s=5.0,
+        clock=clock,
+    )
+    assert [c.step(), c.step()] == [RunState.SCHEDULING, RunState.RUNNING]
+    assert made[0].size == 2
+    clock.t = 10.0
+    capacity["n"] = 3  # a node joined
+    assert c.step() is RunState.RESIZING and made[0].pause_requested
+    assert c.step() is RunState.SCHEDULING
+    assert c.step() is RunState.RUNNING
+    assert made[1].size == 3 and made[0].shut
+    resumed = made[1].started_from
+    assert [s.rank for s in resumed] == [0, 1] and resumed[0].engine["global_steps"] == 7
+    assert c.resizes == 1 and c.restarts == 0
+    assert any(d.startswith("grow: capacity for 3") for d in c.status.decisions)
+
+
+def test_failure_shrinks_to_the_capacity_left_and_waits_below_the_minimum() -> None:
+    clock, capacity = Clock(), {"n": 3}
+    died = GroupPoll(failures=[Failure(2, "died", "node lost")])
+    groups = iter([FakeGroup(3, [died]), FakeGroup(2, [GroupPoll(outcome=outcome())])])
+    c = Controller(
+        lambda n: next(groups),
+        (2, 3),
+        FailurePolicy(3),
+        lambda: "/ckpt/step_1",
+        valid_sizes=[2, 3],
+        capacity=lambda current: capacity["n"],
+        min_wait_s=30.0,
+        clock=clock,
+    )
+    c.step(), c.step()
+    assert c.step() is RunState.RECOVERING
+    capacity["n"] = 1  # the node is gone, and another worker too: below the minimum
+    assert c.step() is RunState.SCHEDULING
+    assert c.step() is RunState.WAITING
+    clock.t = 10.0
+    assert c.step() is RunState.WAITING
+    capacity["n"] = 2
+    assert c.step() is RunState.SCHEDULING
+    assert c.step() is RunState.RUNNING and c.group.size == 2
+    assert c.group.started_from == "/ckpt/step_1"
+
+
+def test_waiting_too_long_gives_up() -> None:
+    clock = Clock()
+    c = Controller(
+        lambda n: FakeGroup(n, []),
+        (2, 2),
+        FailurePolicy(3),
+        lambda: None,
+        capacity=lambda current: 1,
+        min_wait_s=30.0,
+        clock=clock,
+    )
+    c.step(), c.step()
+    assert c.state is RunState.WAITING
+    clock.t = 31.0
+    with pytest.raises(RunFailedError, match="fewer than 2 workers possible for 30 s"):
+        c.run(poll_interval_s=0)
+
+
+def test_consistent_snapshot_picks_the_newest_step_every_rank_has() -> None:
+    from zray.cluster.controller import consistent_snapshot
+
+    # rank 1 died; its peer (rank 2) holds rank 1's copies of steps 4 and 5; rank 0 and 2 hold
+    # their own of 5 and 6 (the copy of step 6 from rank 1 never arrived).
+    snaps = {
+        0: [(5, shard(0, 3, 5)), (6, shard(0, 3, 6))],
+        1: [(4, shard(1, 3, 4)), (5, shard(1, 3, 5))],
+        2: [(5, shard(2, 3, 5)), (6, shard(2, 3, 6))],
+    }
+    got = consistent_snapshot(snaps, 3)
+    assert [(s.rank, s.engine["global_steps"]) for s in got] == [(0, 5), (1, 5), (2, 5)]
+    assert consistent_snapshot({0: [(5, shard(0, 3, 5))]}, 3) is None

@@ -6,8 +6,16 @@ drive it one step at a time with a fake WorkerGroup. `ControllerActor` runs the 
 [Note: recovery] Any worker failure (its process or node gone, an exception, a collective
 timeout surfacing as an exception) ends the whole group: survivors are blocked in collectives
 with a dead peer and cannot continue. The failure policy decides restart or give up; a restart
-tears the group down, starts a new one on the resources there are, and every rank resumes from
-the last committed checkpoint. With the same world size, replayed steps are bit-identical.
+tears the group down and starts a new one on the resources there are — the largest valid world
+size between min and max workers — resuming from the newest state it can assemble: in-memory
+snapshots (each rank's own, plus the copy its peer keeps, refreshed every `replica_interval`
+steps) when every rank's state of one step survives, else the last committed checkpoint.
+
+[Note: resizing] Every `scale_interval_s` the controller compares the capacity (workers running
+plus free worker slots) with the current size. When a larger valid size fits, it asks the
+workers to pause: they agree on the step through the vote in the logging all-reduce, hand over
+their state in memory, and a group of the new size restores it (a reshard, not a replay): no
+step is lost. Shrinking happens on a failure, at once, to whatever size the capacity allows.
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from zray.cluster.group import GroupStartError, WorkerGroup
+from zray.checkpoint.shard import RankShard
+from zray.cluster.group import GroupPoll, GroupStartError, WorkerGroup
 from zray.cluster.policy import Action, Decision, Failure, FailurePolicy
 from zray.cluster.state import RunState, check_transition
-from zray.cluster.train_loop import Report, RunOutcome
+from zray.cluster.train_loop import Report, Resume, RunOutcome
 from zray.errors import ZrayError
 
 if TYPE_CHECKING:
@@ -54,6 +63,7 @@ class RunStatus:
     tokens_per_s: float = 0.0
     world_size: int = 0
     restarts: int = 0
+    resizes: int = 0
     checkpoint_step: int | None = None
     worker_pids: list[int] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)
@@ -67,29 +77,56 @@ class Controller:
     def __init__(
         self,
         make_group: Callable[[int], WorkerGroup],
-        num_workers: int,
+        num_workers: int | tuple[int, int],
         policy: FailurePolicy,
         latest_checkpoint: Callable[[], str | None],
         metrics: RunMetrics | None = None,
+        *,
+        valid_sizes: list[int] | None = None,
+        capacity: Callable[[int], int] | None = None,
+        scale_interval_s: float = 5.0,
+        min_wait_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.make_group, self.num_workers, self.policy = make_group, num_workers, policy
+        lo, hi = (num_workers, num_workers) if isinstance(num_workers, int) else num_workers
+        self.min_workers, self.max_workers = lo, hi
+        self.valid_sizes = sorted(valid_sizes or list(range(lo, hi + 1)))
+        self.make_group, self.policy = make_group, policy
         self.latest_checkpoint = latest_checkpoint
+        # Without a capacity probe (tests, fixed runs) the largest valid size is assumed to fit.
+        self.capacity = capacity or (lambda current: self.valid_sizes[-1])
+        self.scale_interval_s, self.min_wait_s, self.clock = scale_interval_s, min_wait_s, clock
         self.state = RunState.INITIALIZING
         self.group: WorkerGroup | None = None
         self.restarts = 0
+        self.resizes = 0
         self.status = RunStatus(RunState.INITIALIZING)
         self.outcome: RunOutcome | None = None
         self.error: RunFailedError | None = None
-        self._failures: list[Failure] = []
         self.metrics = metrics
         self.lost_steps = 0
+        self.resize_seconds = 0.0
         self._step_at_failure: int | None = None  # set on failure, settled by the next group
+        self._resume: Resume = None  # in-memory shards for the next group, when there are
+        self._last_scale_check = clock()
+        self._waiting_since: float | None = None
+        self._resize_started: float | None = None
+
+    @property
+    def elastic(self) -> bool:
+        return len(self.valid_sizes) > 1
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
 
     def _go(self, new: RunState) -> RunState:
         check_transition(self.state, new)
         self.state = self.status.state = new
         self._publish()
         return new
+
+    def _note(self, line: str) -> None:
+        log.warning("controller decision: %s", line)
+        self.status.decisions.append(line)
 
     def _publish(self) -> None:
         if self.metrics is None:
@@ -98,19 +135,23 @@ class Controller:
             {
                 "zray_world_size": float(self.status.world_size if self.group else 0),
                 "zray_restarts_total": float(self.restarts),
-                "zray_resizes_total": 0.0,  # fixed-size runs; elastic runs resize
+                "zray_resizes_total": float(self.resizes),
                 "zray_lost_steps_total": float(self.lost_steps),
+                "zray_resize_seconds_total": self.resize_seconds,
                 "zray_controller_state": {s.value: float(s is self.state) for s in RunState},
             }
         )
 
+    def _target_size(self, current: int) -> int | None:
+        """The largest valid world size that fits the capacity (None: not even the minimum)."""
+        cap = self.capacity(current)
+        fits = [n for n in self.valid_sizes if n <= cap]
+        return fits[-1] if fits else None
+
     def _decide(self, failures: list[Failure]) -> RunState:
         self._step_at_failure = self.status.step
         decision = self.policy.decide(failures, self.restarts)
-        line = f"{decision.action.value}: {decision.reason}"
-        log.warning("controller decision: %s", line)
-        self.status.decisions.append(line)
-        self._failures = failures
+        self._note(f"{decision.action.value}: {decision.reason}")
         if decision.action is Action.RESTART:
             return self._go(RunState.RECOVERING)
         self.error = RunFailedError(decision, failures)
@@ -119,42 +160,128 @@ class Controller:
             self.group.shutdown()
         return self._go(RunState.ERRORED)
 
+    # ---- one iteration -------------------------------------------------------------------------
+
     def step(self) -> RunState:
-        if self.state is RunState.INITIALIZING:
-            return self._go(RunState.SCHEDULING)
-        if self.state is RunState.SCHEDULING:
-            resume = self.latest_checkpoint()
-            self.group = self.make_group(self.num_workers)
-            try:
-                self.group.start(resume, attempt=self.restarts)
-            except GroupStartError as e:
-                return self._decide(e.failures)
-            self.status.world_size = self.group.size
-            if resume:
-                self.status.decisions.append(f"started {self.group.size} workers from {resume}")
-            return self._go(RunState.RUNNING)
-        if self.state is RunState.RUNNING:
-            assert self.group is not None
-            polled = self.group.poll()
-            self._absorb(polled.reports)
-            if polled.failures:
-                return self._decide(polled.failures)
-            if polled.outcome is not None:
-                self.outcome = polled.outcome
-                self.group.shutdown()
-                return self._go(RunState.FINISHED)
-            return self.state
-        if self.state is RunState.RECOVERING:
-            assert self.group is not None
+        handler = {
+            RunState.INITIALIZING: lambda: self._go(RunState.SCHEDULING),
+            RunState.SCHEDULING: self._schedule,
+            RunState.RUNNING: self._running,
+            RunState.RESIZING: self._resizing,
+            RunState.RECOVERING: self._recover,
+            RunState.WAITING: self._wait,
+        }.get(self.state)
+        return handler() if handler else self.state
+
+    def _schedule(self) -> RunState:
+        size = self._target_size(0)
+        if size is None:
+            self._waiting_since = self.clock()
+            self._note(
+                f"wait: capacity for {self.capacity(0)} workers, fewer than the minimum "
+                f"{self.min_workers}"
+            )
+            return self._go(RunState.WAITING)
+        resume = self._resume if self._resume is not None else self.latest_checkpoint()
+        self.group = self.make_group(size)
+        try:
+            self.group.start(resume, attempt=self.restarts + self.resizes)
+        except GroupStartError as e:
+            return self._decide(e.failures)
+        self._resume = None
+        self.status.world_size = self.group.size
+        where = "in-memory state" if isinstance(resume, list) else resume
+        if resume:
+            self._note(f"started {self.group.size} workers from {where}")
+        else:
+            self._note(f"started {self.group.size} workers")
+        if self._resize_started is not None:
+            self.resize_seconds += self.clock() - self._resize_started
+            self._resize_started = None
+        return self._go(RunState.RUNNING)
+
+    def _running(self) -> RunState:
+        assert self.group is not None
+        polled = self.group.poll()
+        self._absorb(polled.reports)
+        if polled.failures:
+            return self._decide(polled.failures)
+        if polled.outcome is not None:
+            if polled.outcome.paused:  # paused on its own: treat as a handover
+                return self._take_handover(polled)
+            self.outcome = polled.outcome
             self.group.shutdown()
-            self.group = None
-            self.restarts += 1
-            # Progress restarts from the checkpoint the new group will load.
-            self.status.restarts = self.restarts
-            self.status.step, self.status.loss = 0, None
-            self.status.worker_pids, self.status.worker_nodes = [], []
-            self.status.phase = "starting"
+            return self._go(RunState.FINISHED)
+        if self.elastic and self.clock() - self._last_scale_check >= self.scale_interval_s:
+            self._last_scale_check = self.clock()
+            target = self._target_size(self.group.size)
+            if target is not None and target > self.group.size:
+                self._note(
+                    f"grow: capacity for {target} workers ({self.group.size} now); "
+                    "pausing at the next logged step to reshard in memory"
+                )
+                self._resize_started = self.clock()
+                self.group.request_pause()
+                return self._go(RunState.RESIZING)
+        return self.state
+
+    def _resizing(self) -> RunState:
+        assert self.group is not None
+        polled = self.group.poll()
+        self._absorb(polled.reports)
+        if polled.failures:
+            return self._decide(polled.failures)
+        if polled.outcome is None:
+            return self.state
+        if not polled.outcome.paused:  # finished before it could pause: nothing to resize
+            self.outcome = polled.outcome
+            self.group.shutdown()
+            return self._go(RunState.FINISHED)  # type: ignore[unreachable]
+        return self._take_handover(polled)
+
+    def _take_handover(self, polled: GroupPoll) -> RunState:
+        assert self.group is not None
+        self._resume = [polled.outcomes[r].handover for r in sorted(polled.outcomes)]
+        self.group.shutdown()
+        self.group = None
+        self.resizes += 1
+        self.status.resizes = self.resizes
+        return self._go(RunState.SCHEDULING)
+
+    def _recover(self) -> RunState:
+        assert self.group is not None
+        old = self.group.size
+        if self._resize_started is None:
+            self._resize_started = self.clock()
+        snaps = self.group.snapshots()
+        self._resume = consistent_snapshot(snaps, old)
+        if self._resume is not None:
+            step = self._resume[0].engine.get("global_steps")
+            self._note(f"recover from in-memory snapshots of step {step} (no disk read)")
+        self.group.shutdown()
+        self.group = None
+        self.restarts += 1
+        # Progress restarts from the state the new group will load.
+        self.status.restarts = self.restarts
+        self.status.step, self.status.loss = 0, None
+        self.status.worker_pids, self.status.worker_nodes = [], []
+        self.status.phase = "starting"
+        return self._go(RunState.SCHEDULING)
+
+    def _wait(self) -> RunState:
+        if self._target_size(0) is not None:
+            self._waiting_since = None
             return self._go(RunState.SCHEDULING)
+        assert self._waiting_since is not None
+        if self.clock() - self._waiting_since > self.min_wait_s:
+            failure = Failure(
+                -1,
+                "timeout",
+                f"fewer than {self.min_workers} workers possible "
+                f"for {self.min_wait_s:.0f} s (zray.min_wait_s)",
+                retryable=False,
+            )
+            return self._decide([failure])
         return self.state
 
     def _absorb(self, reports: list[Report]) -> None:
@@ -170,8 +297,9 @@ class Controller:
         ordered = sorted(reports, key=lambda r: r.rank)
         self.status.worker_pids = [r.pid for r in ordered]
         self.status.worker_nodes = [r.node for r in ordered]
-        lead = min(reports, key=lambda r: r.rank)
-        self.status.step = lead.step
+        lead = ordered[0]
+        if lead.phase != "starting" or lead.step:  # a starting worker knows no step yet
+            self.status.step = lead.step
         self.status.loss = lead.loss
         self.status.tokens_per_s = lead.tokens_per_s
         self.status.checkpoint_step = lead.checkpoint_step
@@ -186,9 +314,28 @@ class Controller:
         while not self.state.terminal:
             before = self.state
             self.step()
-            if self.state is before is RunState.RUNNING:
+            if self.state is before and self.state in (
+                RunState.RUNNING,
+                RunState.RESIZING,
+                RunState.WAITING,
+            ):
                 time.sleep(poll_interval_s)
         if self.error is not None:
             raise self.error
         assert self.outcome is not None
         return self.outcome
+
+
+def consistent_snapshot(
+    snaps: dict[int, list[tuple[int, RankShard]]], world: int
+) -> list[RankShard] | None:
+    """Every rank's shard of the newest step that all `world` ranks have, or None."""
+    by_step: dict[int, dict[int, RankShard]] = {}
+    for rank, held in snaps.items():
+        for step, shard in held:
+            if shard.world_size == world:
+                by_step.setdefault(step, {})[rank] = shard
+    for step in sorted(by_step, reverse=True):
+        if len(by_step[step]) == world:
+            return [by_step[step][r] for r in range(world)]
+    return None

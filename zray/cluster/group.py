@@ -11,8 +11,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from zray.checkpoint.shard import RankShard
 from zray.cluster.policy import Failure
-from zray.cluster.train_loop import Report, RunOutcome, RunSpec
+from zray.cluster.train_loop import Report, Resume, RunOutcome, RunSpec
 from zray.errors import ConfigError, ZrayError
 
 
@@ -27,28 +28,39 @@ class GroupPoll:
     reports: list[Report] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     outcome: RunOutcome | None = None  # rank 0's, once every rank has finished
+    # Every rank's outcome, by rank, once all have finished (all paused, for a resize).
+    outcomes: dict[int, RunOutcome] = field(default_factory=dict)
 
 
 class WorkerGroup(Protocol):
     size: int
 
-    def start(self, resume: str | None, attempt: int) -> None: ...
+    def start(self, resume: Resume, attempt: int) -> None: ...
     def poll(self) -> GroupPoll: ...
+    def request_pause(self) -> None: ...
+    def snapshots(self) -> dict[int, list[tuple[int, RankShard]]]: ...
     def shutdown(self) -> None: ...
 
 
 class RayWorkerGroup:
     """N Worker actors, one bundle each ({"CPU": 1} or {"CPU": 1, "GPU": 1}), packed."""
 
-    def __init__(self, spec: RunSpec, size: int, use_gpu: bool, start_timeout_s: float) -> None:
-        self.spec, self.size, self.use_gpu = spec, size, use_gpu
+    def __init__(
+        self,
+        spec: RunSpec,
+        size: int,
+        use_gpu: bool,
+        start_timeout_s: float,
+        replicas: bool = False,
+    ) -> None:
+        self.spec, self.size, self.use_gpu, self.replicas = spec, size, use_gpu, replicas
         self.start_timeout_s = start_timeout_s
         self.pg: Any = None
         self.actors: list[Any] = []
         self.runs: list[Any] = []
         self._finished: dict[int, RunOutcome] = {}
 
-    def start(self, resume: str | None, attempt: int) -> None:
+    def start(self, resume: Resume, attempt: int) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -88,7 +100,16 @@ class RayWorkerGroup:
         except Exception as e:
             raise GroupStartError([Failure(0, "died", f"rendezvous failed: {e!r}")]) from e
         self.runs = [
-            actor.run.remote(self.spec, rank, self.size, addr, port, resume, attempt)
+            actor.run.remote(
+                self.spec,
+                rank,
+                self.size,
+                addr,
+                port,
+                resume,
+                attempt,
+                self.actors if self.replicas else None,
+            )
             for rank, actor in enumerate(self.actors)
         ]
         self._finished = {}
@@ -122,7 +143,26 @@ class RayWorkerGroup:
             pass  # a busy worker answers next time; a dead one shows up in ray.wait above
         if len(self._finished) == self.size:
             out.outcome = self._finished[0]
+            out.outcomes = dict(self._finished)
         return out
+
+    def request_pause(self) -> None:
+        for actor in self.actors:
+            actor.request_pause.remote()
+
+    def snapshots(self) -> dict[int, list[tuple[int, RankShard]]]:
+        """In-memory snapshots held by the workers still alive, merged by rank."""
+        import ray
+
+        merged: dict[int, list[tuple[int, RankShard]]] = {}
+        for actor in self.actors:
+            try:
+                held = ray.get(actor.snapshots.remote(), timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue  # dead (or hung): its snapshots died with it
+            for rank, snaps in held.items():
+                merged.setdefault(rank, []).extend(snaps)
+        return merged
 
     def shutdown(self) -> None:
         import ray

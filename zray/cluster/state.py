@@ -10,6 +10,8 @@ class RunState(enum.Enum):
     SCHEDULING = "scheduling"  # reserving resources, starting workers, forming the group
     RUNNING = "running"  # workers train; the controller polls them
     RECOVERING = "recovering"  # a failure: tear the group down before scheduling again
+    RESIZING = "resizing"  # a planned resize: workers pause at an agreed step and hand over
+    WAITING = "waiting"  # fewer workers possible than the minimum: wait for capacity
     FINISHED = "finished"  # every worker completed max_steps
     ERRORED = "errored"  # the failure policy gave up
 
@@ -20,9 +22,15 @@ class RunState(enum.Enum):
 
 TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     RunState.INITIALIZING: frozenset({RunState.SCHEDULING, RunState.ERRORED}),
-    RunState.SCHEDULING: frozenset({RunState.RUNNING, RunState.RECOVERING, RunState.ERRORED}),
-    RunState.RUNNING: frozenset({RunState.FINISHED, RunState.RECOVERING, RunState.ERRORED}),
+    RunState.SCHEDULING: frozenset(
+        {RunState.RUNNING, RunState.RECOVERING, RunState.WAITING, RunState.ERRORED}
+    ),
+    RunState.RUNNING: frozenset(
+        {RunState.FINISHED, RunState.RECOVERING, RunState.RESIZING, RunState.ERRORED}
+    ),
+    RunState.RESIZING: frozenset({RunState.SCHEDULING, RunState.RECOVERING, RunState.ERRORED}),
     RunState.RECOVERING: frozenset({RunState.SCHEDULING, RunState.ERRORED}),
+    RunState.WAITING: frozenset({RunState.SCHEDULING, RunState.ERRORED}),
     RunState.FINISHED: frozenset(),
     RunState.ERRORED: frozenset(),
 }

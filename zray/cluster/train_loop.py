@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from zray.checkpoint.engine_state import capture, restore
+from zray.checkpoint.shard import RankShard
 from zray.config import Config
 from zray.entrypoint import load_entry
 from zray.env import DistEnv
@@ -64,6 +66,10 @@ class RunOutcome:
     tokens_per_s: float
     checkpoint: str | None
     world_size: int
+    # A planned pause (a resize): every rank stopped after the same step and hands over its
+    # state, which the next group restores from memory instead of disk.
+    paused: bool = False
+    handover: RankShard | None = None
 
 
 def build_model(spec: RunSpec, cfg: Config) -> nn.Module:
@@ -96,13 +102,23 @@ class TrainLoop:
         world: int,
         master_addr: str,
         master_port: int,
-        resume: str | None,
+        resume: Resume,
         attempt: int = 0,
+        on_snapshot: Callable[[int, RankShard], None] | None = None,
     ) -> None:
         self.spec, self.rank, self.world, self.attempt = spec, rank, world, attempt
         self.master_addr, self.master_port, self.resume = master_addr, master_port, resume
         self._report = Report(rank=rank, pid=os.getpid(), node=socket.gethostname())
         self._lock = threading.Lock()
+        # A pause asked for by the controller; the ranks agree on the step (see run()).
+        self._pause = threading.Event()
+        # The last two in-memory snapshots of this rank's state, (step, shard), newest last:
+        # with a peer's copy of the same steps they let a lost rank be rebuilt without disk.
+        self.snapshots: deque[tuple[int, RankShard]] = deque(maxlen=2)
+        self.on_snapshot = on_snapshot
+
+    def request_pause(self) -> None:
+        self._pause.set()
 
     def report(self) -> Report:
         with self._lock:
@@ -114,7 +130,6 @@ class TrainLoop:
 
     def run(self) -> RunOutcome:
         from zray.checkpoint.async_saver import AsyncSaver
-        from zray.checkpoint.reader import CheckpointReader
         from zray.checkpoint.writer import save_shard
         from zray.data.loader import RankBatches
         from zray.data.sampler import GlobalBatchSampler
@@ -141,7 +156,7 @@ class TrainLoop:
         metrics = WorkerMetrics(*_flops_and_peak(model, source, engine))
         if self.resume:
             t_load = time.perf_counter()
-            glob = restore(engine, CheckpointReader(self.resume))
+            glob = restore(engine, _reader(self.resume))
             metrics.checkpoint_loaded(time.perf_counter() - t_load)
             if glob.get("sampler"):
                 sampler.load_state_dict(glob["sampler"])
@@ -159,7 +174,7 @@ class TrainLoop:
         root = run.checkpoint_dir
         saver = AsyncSaver() if run.async_checkpoint else None
         losses: list[tuple[int, float]] = []
-        last_ckpt: str | None = self.resume
+        last_ckpt: str | None = self.resume if isinstance(self.resume, str) else None
         t0 = time.perf_counter()
         self._set(phase="training", step=engine.global_steps, stage=engine.plan.stage)
 
@@ -203,17 +218,39 @@ class TrainLoop:
                 batches.total_fetch_seconds,
             )
             t_step = now
+            pause = False
             if step % run.log_interval == 0 or step == max_steps:
-                # The global mean loss: one tiny all-reduce, and a host sync, per logged step.
-                total = local.detach().float().reshape(1).clone()
+                # The global mean loss and the pause vote in one tiny all-reduce (and one host
+                # sync) per logged step: every rank sees the same vote, so all stop together.
+                total = torch.stack(
+                    [
+                        local.detach().float().reshape(()).cpu(),
+                        torch.tensor(float(self._pause.is_set())),
+                    ]
+                )
+                total = total.to(ctx.device)
                 comm.all_reduce_sum(total, ctx.dp_group).wait()
-                value = float(total.item()) / ctx.dp_size
+                value, votes = float(total[0].item()) / ctx.dp_size, float(total[1].item())
+                pause = votes > 0 and step < max_steps
                 losses.append((step, value))
                 rate = counted.tokens * ctx.dp_size / (time.perf_counter() - t0)
                 metrics.logged(engine, value)
                 self._set(step=step, loss=value, tokens_per_s=rate, metrics=metrics.snapshot())
             else:
                 self._set(step=step, metrics=metrics.snapshot())
+            if run.replica_interval and step % run.replica_interval == 0 and step < max_steps:
+                self._snapshot(engine, batches, step)
+            if pause:
+                self._set(phase="paused")
+                return RunOutcome(
+                    steps=step,
+                    losses=losses,
+                    tokens_per_s=0.0,
+                    checkpoint=last_ckpt,
+                    world_size=ctx.dp_size,
+                    paused=True,
+                    handover=capture(engine, sampler=batches.state_dict()),
+                )
             if (
                 root
                 and run.checkpoint_interval
@@ -233,6 +270,27 @@ class TrainLoop:
             checkpoint=last_ckpt,
             world_size=ctx.dp_size,
         )
+
+    def _snapshot(self, engine: Any, batches: Any, step: int) -> None:
+        """Keep this rank's state of `step` in host memory and send a copy to its peer."""
+        shard = capture(engine, sampler=batches.state_dict())
+        self.snapshots.append((step, shard))
+        if self.on_snapshot is not None:
+            self.on_snapshot(step, shard)
+
+
+Resume = str | list[Any] | None  # a checkpoint dir, or in-memory RankShards (or refs to them)
+
+
+def _reader(resume: Resume) -> Any:
+    """A RangeReader over a checkpoint on disk or shards handed over in memory."""
+    from zray.checkpoint.memory import MemoryReader
+    from zray.checkpoint.reader import CheckpointReader
+
+    if isinstance(resume, str):
+        return CheckpointReader(resume)
+    assert resume is not None
+    return MemoryReader([_resolve(s) for s in resume])
 
 
 def _flops_and_peak(model: nn.Module, source: Any, engine: Any) -> tuple[float, float]:
