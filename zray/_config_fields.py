@@ -114,9 +114,11 @@ def describe(tp: Any) -> str:
         return "a string"
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
+        # "an integer" -> "integers", "a number" -> "numbers"
+        item = describe(args[0]).removeprefix("an ").removeprefix("a ") + "s"
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {describe(args[0]).removeprefix('a ')}s"
-        return f"a list of {len(args)} {describe(args[0]).removeprefix('a ')}s"
+            return f"a list of {item}"
+        return f"a list of {len(args)} {item}"
     if tp is dict or typing.get_origin(tp) is dict:
         return "an object"
     if isinstance(tp, type) and issubclass(tp, Section):

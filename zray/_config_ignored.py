@@ -27,7 +27,6 @@ IGNORED_KEYS: dict[str, str] = {
     "aio": "NVMe offload is not supported by zray, so async I/O settings have no effect",
     "autotuning": "zray's autotuner is a later feature with its own settings",
     "pipeline": "pipeline parallelism is a later zray feature",
-    "elasticity": "zray rescales through zray.num_workers and its controller, not DeepSpeed elasticity",
     "checkpoint": "zray checkpoints are always resharded at load; see zray.checkpoint_dir",
     "sparse_gradients": "not implemented by zray",
     "sparse_attention": "not implemented by zray",

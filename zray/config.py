@@ -30,6 +30,7 @@ from zray._config_sections import (
     ActivationCheckpointingConfig,
     BF16Config,
     DataTypesConfig,
+    ElasticityConfig,
     FlopsProfilerConfig,
     FP16Config,
     OffloadConfig,
@@ -54,6 +55,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataTypesConfig",
+    "ElasticityConfig",
     "FP16Config",
     "FlopsProfilerConfig",
     "OffloadConfig",
@@ -120,6 +122,7 @@ class Config(Section):
         default_factory=ActivationCheckpointingConfig
     )
     tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)
+    elasticity: ElasticityConfig = field(default_factory=ElasticityConfig)
     zray: RunConfig = field(default_factory=RunConfig)
 
     # ---- reading ---------------------------------------------------------------------------
@@ -201,6 +204,8 @@ class Config(Section):
             self.train_micro_batch_size_per_gpu,
             self.gradient_accumulation_steps,
         )
+        if self.elasticity.enabled:
+            self._check_elastic_batch_keys()
         if self.scheduler is not None:
             params = dict(self.scheduler.params)
             # "auto" values the scheduler could not resolve alone (see _config_schedulers).
@@ -210,6 +215,32 @@ class Config(Section):
                 params["warmup_max_lr"] = self.optimizer.lr
             if params != self.scheduler.params:
                 object.__setattr__(self, "scheduler", replace(self.scheduler, params=params))
+
+    def _check_elastic_batch_keys(self) -> None:
+        """DeepSpeed's rule: an enabled elasticity block owns the batch sizes, so batch keys
+        beside it are an error unless ignore_non_elastic_batch_info says to override them."""
+        given = {
+            k: v
+            for k, v in (
+                (_TBS, self.train_batch_size),
+                (_MICRO, self.train_micro_batch_size_per_gpu),
+                (_GAS, self.gradient_accumulation_steps),
+            )
+            if v is not None  # "auto" reads as None: Hugging Face's placeholder is no conflict
+        }
+        if not given:
+            return
+        if not self.elasticity.ignore_non_elastic_batch_info:
+            key, value = next(iter(given.items()))
+            reason = (
+                f"elasticity.enabled chooses {_TBS}, {_MICRO} and {_GAS} for each world size, "
+                f"so {', '.join(given)} would not be used; remove them, or set "
+                "elasticity.ignore_non_elastic_batch_info: true to have them overridden"
+            )
+            allowed = "no batch sizes outside the elasticity block while it is enabled"
+            raise ConfigError(key, value, allowed, reason)
+        for k in given:
+            warn_once(k, "overridden by the elasticity plan (elasticity.enabled is true)")
 
     # ---- derived values ----------------------------------------------------------------------
 
@@ -225,10 +256,19 @@ class Config(Section):
     def resolve_batch(self, dp_world_size: int) -> BatchSizes:
         """Fill in the batch triple for `dp_world_size` data-parallel ranks, by DeepSpeed's rule:
         train_batch_size = micro * gas * dp_world_size. Any two give the third; train_batch_size
-        alone means gas 1; micro alone means gas 1; none means micro 1, gas 1."""
+        alone means gas 1; micro alone means gas 1; none means micro 1, gas 1.
+
+        With `elasticity.enabled` the triple comes from DeepSpeed's elastic plan over
+        zray.num_workers instead (as DeepSpeed's own runtime does); a world size the plan skips
+        raises with the reason. An elastic zray.num_workers alone does not change this rule:
+        the controller hands each group `zray.cluster.elastic.config_for_world(cfg, plan)`,
+        which pins the triple that keeps the global batch.
+        """
         w = dp_world_size
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             raise ConfigError("dp_world_size", w, "an integer >= 1")
+        if self.elasticity.enabled:
+            return self._resolve_elastic(w)
         tbs, micro, gas = (
             self.train_batch_size,
             self.train_micro_batch_size_per_gpu,
@@ -256,6 +296,18 @@ class Config(Section):
             gas = 1 if gas is None else gas
             tbs = micro * gas * w
         return BatchSizes(tbs, micro, gas)
+
+    def _resolve_elastic(self, w: int) -> BatchSizes:
+        # Imported here: zray.cluster.elastic builds on this module.
+        from zray.cluster.elastic import plan_sizes
+
+        run = self.zray
+        plans, skipped = plan_sizes(self, run.min_workers, run.max_workers)
+        if w in plans:
+            return plans[w].batch_sizes
+        reason = skipped.get(w, f"outside zray.num_workers {run.min_workers}..{run.max_workers}")
+        allowed = f"a world size the elasticity plan keeps: {sorted(plans) or 'none'}"
+        raise ConfigError("dp_world_size", w, allowed, reason)
 
 
 def _check_batch_keys(tbs: int | None, micro: int | None, gas: int | None) -> None:

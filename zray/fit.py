@@ -127,7 +127,7 @@ def fit(
     data: Any = None,
     config: Config | dict[str, Any] | str | None = None,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
-    num_workers: int | None = None,
+    num_workers: int | tuple[int, int] | None = None,
     use_gpu: bool | None = None,
     checkpoint_dir: str | None = None,
     max_failures: int | None = None,
@@ -167,7 +167,7 @@ def fit(
     data = data if data is not None else run.data
     if data is None:
         raise ConfigError("data", None, "a Parquet path, Arrow table, Ray or torch Dataset")
-    started = _ensure_ray(address, run.num_workers, run.use_gpu)
+    started = _ensure_ray(address, run.max_workers, run.use_gpu)
     show = ProgressLine(run.max_steps) if progress is True else (progress or None)
     try:
         data = _synthetic(data)
@@ -179,16 +179,7 @@ def fit(
         # RayJob), where the configured port is published.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         actor = ControllerActor.options(scheduling_strategy=here).remote(
-            spec,
-            run.num_workers,
-            run.use_gpu,
-            run.max_failures,
-            run.checkpoint_dir,
-            run.start_timeout_s,
-            run_name,
-            run.metrics_host,
-            run.metrics_port,
-            run.metrics_dir or run.checkpoint_dir,
+            spec, run_name, run.metrics_dir or run.checkpoint_dir
         )
         done = actor.run.remote(run.poll_interval_s)
         while not ray.wait([done], timeout=run.poll_interval_s)[0]:

@@ -102,6 +102,14 @@ def test_defaults_are_deepspeeds() -> None:
     assert cfg.activation_checkpointing.modules is None
     assert cfg.tensor_parallel.tp_size == 1
     assert cfg.zray.num_workers == 1 and cfg.zray.seed == 0 and cfg.zray.model_kwargs == {}
+    assert (cfg.zray.min_workers, cfg.zray.max_workers, cfg.zray.elastic) == (1, 1, False)
+    assert cfg.zray.scale_interval_s == 5.0 and cfg.zray.replica_interval == 1
+    assert cfg.zray.min_wait_s == 600.0
+    el = cfg.elasticity
+    assert el.enabled is False and el.max_train_batch_size is None and el.micro_batch_sizes is None
+    assert (el.min_gpus, el.max_gpus, el.min_time, el.version) == (1, 10000, 0.0, 0.2)
+    assert el.prefer_larger_batch is True and el.ignore_non_elastic_batch_info is False
+    assert (el.num_gpus_per_node, el.model_parallel_size) == (1, 1)
     assert cfg.compute_dtype == torch.float32
 
 
@@ -388,6 +396,79 @@ MALFORMED: list[tuple[str, dict[str, Any], str, list[str]]] = [
      "seed", ["got 42", "did you mean 'zray.seed'?"]),
     ("zray-workers-0", {"zray": {"num_workers": 0}},
      "zray.num_workers", ["got 0", "an integer >= 1"]),
+    ("zray-workers-min-above-max", {"zray": {"num_workers": [3, 2]}},
+     "zray.num_workers", ["min (3) is greater than max (2)", "got [3, 2]", "1 <= min <= max"]),
+    ("zray-workers-min-0", {"zray": {"num_workers": [0, 2]}},
+     "zray.num_workers", ["min (0) is below 1", "got [0, 2]", "a list [min, max]"]),
+    ("zray-workers-string", {"zray": {"num_workers": "4"}},
+     "zray.num_workers", ["got '4'", "an integer >= 1, or a list [min, max]"]),
+    ("zray-workers-three", {"zray": {"num_workers": [1, 2, 3]}},
+     "zray.num_workers", ["got [1, 2, 3]", "a list [min, max]"]),
+    ("zray-workers-float-bound", {"zray": {"num_workers": [1.5, 4]}},
+     "zray.num_workers", ["got [1.5, 4]", "a list [min, max] of integers"]),
+    ("zray-workers-bool", {"zray": {"num_workers": True}},
+     "zray.num_workers", ["got True"]),
+    ("zray-scale-interval-0", {"zray": {"scale_interval_s": 0}},
+     "zray.scale_interval_s", ["got 0", "a number > 0"]),
+    ("zray-replica-interval-negative", {"zray": {"replica_interval": -1}},
+     "zray.replica_interval", ["got -1", "an integer >= 0"]),
+    ("zray-min-wait-0", {"zray": {"min_wait_s": 0.0}},
+     "zray.min_wait_s", ["got 0.0", "a number > 0"]),
+    ("elastic-micro-empty",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 8, "micro_batch_sizes": []}},
+     "elasticity.micro_batch_sizes", ["got []", "a non-empty list of integers > 0"]),
+    ("elastic-micro-zero",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 8, "micro_batch_sizes": [2, 0]}},
+     "elasticity.micro_batch_sizes", ["got [2, 0]", "0 is not > 0"]),
+    ("elastic-micro-fraction",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 8, "micro_batch_sizes": [2, 0.5]}},
+     "elasticity.micro_batch_sizes[1]", ["got 0.5", "an integer"]),
+    ("elastic-micro-scalar",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 8, "micro_batch_sizes": 5}},
+     "elasticity.micro_batch_sizes", ["got 5", "a list of integers"]),
+    ("elastic-micro-missing", {"elasticity": {"enabled": True, "max_train_batch_size": 8}},
+     "elasticity.micro_batch_sizes", ["required when elasticity.enabled is true"]),
+    ("elastic-max-missing", {"elasticity": {"enabled": True, "micro_batch_sizes": [2]}},
+     "elasticity.max_train_batch_size", ["required when elasticity.enabled is true"]),
+    ("elastic-max-below-micros",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 3, "micro_batch_sizes": [4, 8]}},
+     "elasticity.max_train_batch_size",
+     ["got 3", "micro-batch size 8 is larger than max_train_batch_size", "an integer >= 8"]),
+    ("elastic-max-below-one-micro",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 6, "micro_batch_sizes": [4, 8]}},
+     "elasticity.max_train_batch_size", ["got 6", "an integer >= 8"]),
+    ("elastic-max-per-node",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 16, "micro_batch_sizes": [4, 8],
+                     "num_gpus_per_node": 4}},
+     "elasticity.max_train_batch_size",
+     ["got 16", "// 4 ranks per node = 4", "an integer >= 32, the largest micro-batch size x 4"]),
+    ("elastic-version", {"elasticity": {"version": 0.3}},
+     "elasticity.version", ["got 0.3", "one of 0.1, 0.2"]),
+    ("elastic-min-gpus-0", {"elasticity": {"min_gpus": 0}},
+     "elasticity.min_gpus", ["got 0", "an integer >= 1"]),
+    ("elastic-min-above-max",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 8, "micro_batch_sizes": [2],
+                     "min_gpus": 8, "max_gpus": 4}},
+     "elasticity.min_gpus", ["got 8", "min_gpus (8) is greater than max_gpus (4)"]),
+    ("elastic-min-time", {"elasticity": {"min_time": -1}},
+     "elasticity.min_time", ["got -1", "a number >= 0"]),
+    ("elastic-mp-v01",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 8, "micro_batch_sizes": [2],
+                     "version": 0.1, "model_parallel_size": 2, "num_gpus_per_node": 2}},
+     "elasticity.version", ["got 0.1", "model_parallel_size 2 needs elasticity version 0.2"]),
+    ("elastic-mp-per-node",
+     {"elasticity": {"enabled": True, "max_train_batch_size": 8, "micro_batch_sizes": [2],
+                     "model_parallel_size": 4, "num_gpus_per_node": 6}},
+     "elasticity.num_gpus_per_node", ["got 6", "not divisible by model_parallel_size (4)"]),
+    ("elastic-with-batch-keys",
+     {"train_batch_size": 32,
+      "elasticity": {"enabled": True, "max_train_batch_size": 8, "micro_batch_sizes": [2]}},
+     "train_batch_size", ["got 32", "elasticity.enabled chooses",
+                          "elasticity.ignore_non_elastic_batch_info: true"]),
+    ("elastic-with-micro",
+     {"train_micro_batch_size_per_gpu": 2,
+      "elasticity": {"enabled": True, "max_train_batch_size": 8, "micro_batch_sizes": [2]}},
+     "train_micro_batch_size_per_gpu", ["got 2", "so train_micro_batch_size_per_gpu would not"]),
     ("zray-typo", {"zray": {"num_worker": 2}},
      "zray.num_worker", ["got 2", "did you mean 'num_workers'?"]),
     ("zray-model-spec", {"zray": {"model": "mymodel"}},
@@ -641,3 +722,106 @@ def test_every_ignored_key_is_accepted_with_a_warning(path: str) -> None:
         warnings.simplefilter("always")
         Config.from_dict(raw)
     assert _config_warnings(record) == [f"{path}: ignored by zray ({IGNORED_KEYS[path]})"]
+
+
+# ---- elastic runs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "lo", "hi", "elastic"),
+    [(4, 4, 4, False), ([2, 8], 2, 8, True), ((2, 8), 2, 8, True), ([3, 3], 3, 3, False)],
+    ids=["int", "list", "tuple", "min-equals-max"],
+)
+def test_num_workers_int_or_range(given: Any, lo: int, hi: int, elastic: bool) -> None:
+    cfg = Config.from_dict({"zray": {"num_workers": given}})
+    run = cfg.zray
+    assert (run.min_workers, run.max_workers, run.elastic) == (lo, hi, elastic)
+    written = cfg.to_dict()["zray"]["num_workers"]
+    assert written == (list(given) if isinstance(given, list | tuple) else given)
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # Built in Python (as zray.fit does) the same rules hold.
+    assert dataclasses.replace(Config().zray, num_workers=given).max_workers == hi
+
+
+def test_elastic_run_settings() -> None:
+    run = Config.from_dict(
+        {"zray": {"scale_interval_s": 1, "replica_interval": 0, "min_wait_s": 30}}
+    ).zray
+    assert run.scale_interval_s == 1.0 and type(run.scale_interval_s) is float
+    assert run.replica_interval == 0  # 0: no in-memory copies of a peer's optimizer shard
+    assert run.min_wait_s == 30.0
+
+
+# DeepSpeed's documented example block.
+DS_ELASTICITY: dict[str, Any] = {
+    "enabled": True,
+    "max_train_batch_size": 2000,
+    "micro_batch_sizes": [2, 4, 6],
+    "min_gpus": 1,
+    "max_gpus": 10000,
+    "min_time": 20,
+    "prefer_larger_batch": True,
+    "ignore_non_elastic_batch_info": False,
+    "version": 0.1,
+}
+
+
+def test_elasticity_block_parses_and_round_trips() -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cfg = Config.from_dict({"elasticity": DS_ELASTICITY, "zray": {"num_workers": [1, 8]}})
+    assert _config_warnings(record) == []  # read, not ignored any more
+    el = cfg.elasticity
+    assert el.enabled and el.max_train_batch_size == 2000 and el.micro_batch_sizes == (2, 4, 6)
+    assert (el.min_time, el.version, el.dp_per_node) == (20.0, 0.1, 1)
+    assert "elasticity" not in IGNORED_KEYS
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+@pytest.mark.parametrize(("written", "version"), [("0.2", 0.2), ("0.1", 0.1), (0.2, 0.2)])
+def test_elasticity_version_as_deepspeed_reads_it(written: Any, version: float) -> None:
+    # DeepSpeed reads the version with float(), so a JSON string works there and here.
+    assert Config.from_dict({"elasticity": {"version": written}}).elasticity.version == version
+    with pytest.raises(ConfigError, match=r"elasticity\.version: got 'latest'"):
+        Config.from_dict({"elasticity": {"version": "latest"}})
+
+
+def test_disabled_elasticity_leaves_the_batch_keys_alone() -> None:
+    # Only an enabled block owns the batch sizes; a disabled one is not even cross-checked,
+    # as DeepSpeed reads it only when enabled.
+    raw = {"train_batch_size": 8, "elasticity": {"max_train_batch_size": 1, "min_gpus": 9}}
+    cfg = Config.from_dict(raw)
+    assert cfg.resolve_batch(2) == BatchSizes(8, 4, 1)
+
+
+def test_elasticity_with_auto_batch_keys_is_no_conflict() -> None:
+    raw = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "elasticity": {"enabled": True, "max_train_batch_size": 16, "micro_batch_sizes": [2, 4]},
+        "zray": {"num_workers": [1, 4]},
+    }
+    assert Config.from_dict(raw).resolve_batch(2) == BatchSizes(16, 4, 2)
+
+
+def test_ignore_non_elastic_batch_info_warns_and_overrides() -> None:
+    raw = {
+        "train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "elasticity": {
+            "enabled": True,
+            "max_train_batch_size": 16,
+            "micro_batch_sizes": [2, 4],
+            "ignore_non_elastic_batch_info": True,
+        },
+    }
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cfg = Config.from_dict(raw)
+    assert _config_warnings(record) == [
+        "train_batch_size: overridden by the elasticity plan (elasticity.enabled is true)",
+        "gradient_accumulation_steps: overridden by the elasticity plan (elasticity.enabled is true)",
+    ]
+    assert cfg.resolve_batch(1) == BatchSizes(16, 4, 4)  # the plan, not train_batch_size 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import ray
@@ -10,7 +12,10 @@ from zray.cluster.controller import Controller, RunStatus
 from zray.cluster.group import RayWorkerGroup
 from zray.cluster.policy import FailurePolicy
 from zray.cluster.train_loop import RunOutcome, RunSpec
+from zray.config import Config
 from zray.metrics.exporter import Exporter, RunMetrics
+
+log = logging.getLogger("zray.controller")
 
 
 def latest_committed(checkpoint_dir: str | None) -> str | None:
@@ -22,33 +27,56 @@ def latest_committed(checkpoint_dir: str | None) -> str | None:
     return None if found is None else str(found)
 
 
+def free_worker_slots(use_gpu: bool) -> int:
+    """Worker bundles the cluster could place now ({"CPU": 1} or {"GPU": 1} each)."""
+    free = ray.available_resources().get("GPU" if use_gpu else "CPU", 0.0)
+    return int(free + 1e-9)
+
+
 @ray.remote(num_cpus=0, max_concurrency=2)
 class ControllerActor:
     def __init__(
         self,
         spec: RunSpec,
-        num_workers: int,
-        use_gpu: bool,
-        max_failures: int,
-        checkpoint_dir: str | None,
-        start_timeout_s: float,
         run_name: str,
-        metrics_host: str,
-        metrics_port: int | None,
         metrics_dir: str | None,
     ) -> None:
+        from zray.cluster.elastic import config_for_world, plan_run
+
+        cfg = Config.from_dict(spec.config)
+        run = cfg.zray
+        plans, skipped = plan_run(cfg)
+        for world, why in sorted(skipped.items()):
+            log.warning("world size %d skipped: %s", world, why)
+
+        def make_group(n: int) -> RayWorkerGroup:
+            sized = dataclasses.replace(spec, config=config_for_world(cfg, plans[n]).to_dict())
+            return RayWorkerGroup(
+                sized,
+                n,
+                run.use_gpu,
+                run.start_timeout_s,
+                replicas=run.replica_interval > 0 and n > 1,
+            )
+
         jsonl = Path(metrics_dir) / f"{run_name}.metrics.jsonl" if metrics_dir else None
         self.metrics = RunMetrics(run_name, jsonl)
         self.exporter = None
-        if metrics_port is not None:
-            self.exporter = Exporter(self.metrics, metrics_host, metrics_port)
+        if run.metrics_port is not None:
+            self.exporter = Exporter(self.metrics, run.metrics_host, run.metrics_port)
         self.controller = Controller(
-            lambda n: RayWorkerGroup(spec, n, use_gpu, start_timeout_s),
-            num_workers,
-            FailurePolicy(max_failures),
-            lambda: latest_committed(checkpoint_dir),
+            make_group,
+            (run.min_workers, run.max_workers),
+            FailurePolicy(run.max_failures),
+            lambda: latest_committed(run.checkpoint_dir),
             self.metrics,
+            valid_sizes=sorted(plans),
+            capacity=lambda current: current + free_worker_slots(run.use_gpu),
+            scale_interval_s=run.scale_interval_s,
+            min_wait_s=run.min_wait_s,
         )
+        for world, why in sorted(skipped.items()):
+            self.controller.status.decisions.append(f"skip world size {world}: {why}")
         if self.exporter is not None:
             self.controller.status.metrics_url = (
                 f"http://{self.exporter.host}:{self.exporter.port}/metrics"

@@ -89,7 +89,9 @@ METRICS: tuple[MetricSpec, ...] = (
     _c("zray_restarts_total", C, "Times the group was restarted after a failure"),
     _c("zray_resizes_total", C, "Times the group changed size"),
     _c("zray_lost_steps_total", C, "Steps redone after failures (replayed from checkpoints)"),
-    _c("zray_resize_seconds_total", C, "Seconds from a resize or failure to the new group starting"),
+    _c(
+        "zray_resize_seconds_total", C, "Seconds from a resize or failure to the new group starting"
+    ),
     _c("zray_controller_state", G, "1 for the controller's current state, 0 otherwise", "state"),
 )
 
