@@ -35,6 +35,8 @@ class FitResult:
     tokens_per_s: float = 0.0
     checkpoint: str | None = None  # the last committed checkpoint
     restarts: int = 0
+    resizes: int = 0
+    lost_steps: int = 0  # completed steps redone after failures
     decisions: list[str] = field(default_factory=list)
     run_name: str = ""
     metrics_url: str | None = None  # served while the run was going
@@ -175,9 +177,10 @@ def fit(
             data = ray.put(data)  # into the object store once, not pickled per worker
         spec = RunSpec(config=cfg.to_dict(), model=model, data=data, loss=loss)
         run_name = run.run_name or time.strftime("zray-%Y%m%d-%H%M%S")
-        # The controller serves the metrics: keep it on the driver's node (the head, for a
-        # RayJob), where the configured port is published.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # The controller serves the metrics and must outlive worker nodes: pin it (hard) to
+        # the driver's node (the head, for a RayJob), where the configured port is published
+        # and which an autoscaler does not remove. It needs no resources there.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         actor = ControllerActor.options(scheduling_strategy=here).remote(
             spec, run_name, run.metrics_dir or run.checkpoint_dir
         )
@@ -203,6 +206,8 @@ def fit(
             tokens_per_s=outcome.tokens_per_s,
             checkpoint=outcome.checkpoint,
             restarts=status.restarts,
+            resizes=status.resizes,
+            lost_steps=status.lost_steps,
             decisions=status.decisions,
             run_name=run_name,
             metrics_url=status.metrics_url,

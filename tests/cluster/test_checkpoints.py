@@ -47,7 +47,8 @@ def test_corrupt_shard_is_named_and_the_run_falls_back(
         checkpoint_dir=str(tmp_path),
         progress=False,
     )
-    assert [s for s, _ in run.losses] == [3, 4, 5, 6]  # resumed after step 2, not 4 or 5
+    # Resumed after step 2 (its history holds steps 1-2), not after 4 or 5.
+    assert [s for s, _ in run.losses] == [1, 2, 3, 4, 5, 6]
     assert any("step_00000002" in d for d in run.decisions), run.decisions
 
 

@@ -64,6 +64,7 @@ class RunStatus:
     world_size: int = 0
     restarts: int = 0
     resizes: int = 0
+    lost_steps: int = 0
     checkpoint_step: int | None = None
     worker_pids: list[int] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)
@@ -111,6 +112,10 @@ class Controller:
         self._last_scale_check = clock()
         self._waiting_since: float | None = None
         self._resize_started: float | None = None
+        # After a handover for a grow: the size wanted, and until when to wait for the old
+        # group's resources to come back before settling for less.
+        self._want: int | None = None
+        self._settle_until = 0.0
 
     @property
     def elastic(self) -> bool:
@@ -175,6 +180,13 @@ class Controller:
 
     def _schedule(self) -> RunState:
         size = self._target_size(0)
+        if (
+            self._want is not None
+            and (size or 0) < self._want
+            and self.clock() < self._settle_until
+        ):
+            return self.state  # the old group's slots are still being released
+        self._want = None
         if size is None:
             self._waiting_since = self.clock()
             self._note(
@@ -216,6 +228,7 @@ class Controller:
             self._last_scale_check = self.clock()
             target = self._target_size(self.group.size)
             if target is not None and target > self.group.size:
+                self._want = target
                 self._note(
                     f"grow: capacity for {target} workers ({self.group.size} now); "
                     "pausing at the next logged step to reshard in memory"
@@ -246,6 +259,9 @@ class Controller:
         self.group = None
         self.resizes += 1
         self.status.resizes = self.resizes
+        self.status.phase = "starting"
+        self.status.worker_pids, self.status.worker_nodes = [], []
+        self._settle_until = self.clock() + 10.0
         return self._go(RunState.SCHEDULING)
 
     def _recover(self) -> RunState:
@@ -258,12 +274,18 @@ class Controller:
         if self._resume is not None:
             step = self._resume[0].engine.get("global_steps")
             self._note(f"recover from in-memory snapshots of step {step} (no disk read)")
+        elif snaps:
+            held = {r: sorted(step for step, _ in v) for r, v in sorted(snaps.items())}
+            self._note(
+                f"no in-memory state of one step for all {old} ranks (held: {held}); "
+                "falling back to the last committed checkpoint"
+            )
         self.group.shutdown()
         self.group = None
         self.restarts += 1
-        # Progress restarts from the state the new group will load.
+        # The step shown stays until the new group reports the step it resumed from (lower
+        # only when state had to come from an older checkpoint: lost steps).
         self.status.restarts = self.restarts
-        self.status.step, self.status.loss = 0, None
         self.status.worker_pids, self.status.worker_nodes = [], []
         self.status.phase = "starting"
         return self._go(RunState.SCHEDULING)
@@ -307,6 +329,7 @@ class Controller:
         if self._step_at_failure is not None and lead.phase == "training":
             # The new group reports the step it resumed from: the difference is redone work.
             self.lost_steps += max(0, self._step_at_failure - lead.step)
+            self.status.lost_steps = self.lost_steps
             self._step_at_failure = None
         self._publish()
 

@@ -134,13 +134,17 @@ class RayWorkerGroup:
                 )
         if out.failures:
             return out
-        reports = [a.report.remote() for a in self.actors]
-        try:
-            out.reports = [r for r in ray.get(reports, timeout=30) if r is not None]
-        except ray.exceptions.RayActorError as e:
-            out.failures.append(Failure(-1, "died", _first_line(e)))
-        except ray.exceptions.GetTimeoutError:
-            pass  # a busy worker answers next time; a dead one shows up in ray.wait above
+        refs = [a.report.remote() for a in self.actors]
+        for rank, ref in enumerate(refs):
+            try:
+                report = ray.get(ref, timeout=30)
+            except ray.exceptions.RayActorError as e:
+                out.failures.append(Failure(rank, "died", _first_line(e)))
+                continue
+            except ray.exceptions.GetTimeoutError:
+                continue  # a busy worker answers next time; a dead one shows up above
+            if report is not None:
+                out.reports.append(report)
         if len(self._finished) == self.size:
             out.outcome = self._finished[0]
             out.outcomes = dict(self._finished)

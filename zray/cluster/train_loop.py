@@ -116,6 +116,7 @@ class TrainLoop:
         # with a peer's copy of the same steps they let a lost rank be rebuilt without disk.
         self.snapshots: deque[tuple[int, RankShard]] = deque(maxlen=2)
         self.on_snapshot = on_snapshot
+        self.history: list[tuple[int, float]] = []  # (step, global mean loss) before resuming
 
     def request_pause(self) -> None:
         self._pause.set()
@@ -156,10 +157,15 @@ class TrainLoop:
         metrics = WorkerMetrics(*_flops_and_peak(model, source, engine))
         if self.resume:
             t_load = time.perf_counter()
-            glob = restore(engine, _reader(self.resume))
+            reader = _reader(self.resume)
+            glob = restore(engine, reader)
             metrics.checkpoint_loaded(time.perf_counter() - t_load)
             if glob.get("sampler"):
                 sampler.load_state_dict(glob["sampler"])
+            # The loss history of the steps this state has behind it (rolled-back steps are
+            # not in it): a resumed or resized run reports one continuous history.
+            history = ((reader.rank_state(0) or {}).get("client_state") or {}).get("losses")
+            self.history = [(int(a), float(b)) for a, b in history or []]
         batches = RankBatches(
             source,
             sampler,
@@ -173,7 +179,7 @@ class TrainLoop:
         max_steps = run.max_steps or 100
         root = run.checkpoint_dir
         saver = AsyncSaver() if run.async_checkpoint else None
-        losses: list[tuple[int, float]] = []
+        losses: list[tuple[int, float]] = list(self.history)
         last_ckpt: str | None = self.resume if isinstance(self.resume, str) else None
         t0 = time.perf_counter()
         self._set(phase="training", step=engine.global_steps, stage=engine.plan.stage)
@@ -181,7 +187,7 @@ class TrainLoop:
         def checkpoint(step: int) -> str:
             self._set(phase="checkpointing")
             t_save = time.perf_counter()
-            shard = capture(engine, sampler=batches.state_dict())
+            shard = capture(engine, sampler=batches.state_dict(), client_state=_hist(losses))
             nbytes = sum(
                 t.numel() * t.element_size() for r in shard.ranges for t in r.tensors.values()
             )
@@ -239,7 +245,7 @@ class TrainLoop:
             else:
                 self._set(step=step, metrics=metrics.snapshot())
             if run.replica_interval and step % run.replica_interval == 0 and step < max_steps:
-                self._snapshot(engine, batches, step)
+                self._snapshot(engine, batches, step, losses)
             if pause:
                 self._set(phase="paused")
                 return RunOutcome(
@@ -249,7 +255,9 @@ class TrainLoop:
                     checkpoint=last_ckpt,
                     world_size=ctx.dp_size,
                     paused=True,
-                    handover=capture(engine, sampler=batches.state_dict()),
+                    handover=capture(
+                        engine, sampler=batches.state_dict(), client_state=_hist(losses)
+                    ),
                 )
             if (
                 root
@@ -271,12 +279,18 @@ class TrainLoop:
             world_size=ctx.dp_size,
         )
 
-    def _snapshot(self, engine: Any, batches: Any, step: int) -> None:
+    def _snapshot(
+        self, engine: Any, batches: Any, step: int, losses: list[tuple[int, float]]
+    ) -> None:
         """Keep this rank's state of `step` in host memory and send a copy to its peer."""
-        shard = capture(engine, sampler=batches.state_dict())
+        shard = capture(engine, sampler=batches.state_dict(), client_state=_hist(losses))
         self.snapshots.append((step, shard))
         if self.on_snapshot is not None:
             self.on_snapshot(step, shard)
+
+
+def _hist(losses: list[tuple[int, float]]) -> dict[str, Any]:
+    return {"losses": [[s, v] for s, v in losses]}
 
 
 Resume = str | list[Any] | None  # a checkpoint dir, or in-memory RankShards (or refs to them)
