@@ -276,12 +276,13 @@ def gathered_parameters(stage: int) -> dict[str, Any]:
     }
 
 
-def collectives_all_stages() -> dict[int, list[dict[str, int]]]:
+def collectives_all_stages() -> dict[int, list[dict[str, dict[str, int]]]]:
     return {stage: collectives_per_micro_step(stage) for stage in range(4)}
 
 
-def collectives_per_micro_step(stage: int) -> list[dict[str, int]]:
-    """Count the collectives each micro-step launches (forward + backward + step).
+def collectives_per_micro_step(stage: int) -> list[dict[str, dict[str, int]]]:
+    """Count the collectives each micro-step launches: {"backward": forward + backward,
+    "step": engine.step()}.
 
     The counters wrap torch.distributed's functions in this process only; the collectives still
     run for real.
@@ -326,8 +327,10 @@ def collectives_per_micro_step(stage: int) -> list[dict[str, int]]:
                 counts.clear()
                 batch = micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size, ctx.device)
                 engine.backward(engine(**batch))
+                in_backward = dict(counts)
+                counts.clear()
                 engine.step()
-                per_micro.append(dict(counts))
+                per_micro.append({"backward": in_backward, "step": dict(counts)})
     finally:
         for n, fn in originals.items():
             setattr(dist, n, fn)

@@ -60,22 +60,27 @@ def _close_to_reference(state: dict, ref: dict, stage: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def collectives() -> dict[int, list[dict[str, int]]]:
+def collectives() -> dict[int, list[dict[str, dict[str, int]]]]:
     return launch_local(w.collectives_all_stages, 2)[0]
+
+
+def _launched(counts: dict[str, int], op: str) -> bool:
+    return any(k.startswith(op) for k in counts)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_delayed_gradient_sync(stage: int, collectives: dict) -> None:
-    """Stages 0-1 communicate nothing on non-boundary micro-steps; stages 2-3 reduce-scatter
-    during every backward (their gradients are partitioned)."""
+    """Stages 0-1 communicate nothing on non-boundary micro-steps and start the gradient
+    reduction inside the boundary backward (overlapping it, as DDP does); stages 2-3
+    reduce-scatter during every backward (their gradients are partitioned)."""
     per_micro = collectives[stage]
     non_boundary, boundary = per_micro[0::2], per_micro[1::2]
-    if stage in (0, 1):
-        assert all(c == {} for c in non_boundary), non_boundary
-    else:
-        assert all(sum(k.startswith("reduce_scatter") for k in c) for c in non_boundary)
     grad_op = "all_reduce" if stage == 0 else "reduce_scatter"
-    assert all(any(k.startswith(grad_op) for k in c) for c in boundary), boundary
+    if stage in (0, 1):
+        assert all(c == {"backward": {}, "step": {}} for c in non_boundary), non_boundary
+    else:
+        assert all(_launched(c["backward"], "reduce_scatter") for c in non_boundary)
+    assert all(_launched(c["backward"], grad_op) for c in boundary), boundary
 
 
 def test_param_groups_with_different_weight_decay() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zray.zero import comm
 from zray.zero.unit import FlatUnit, UnitKind
 
 
@@ -85,6 +86,63 @@ class GradHooks:
             self._drain(self._inflight.popleft())
         for unit in self.units:
             unit._ready = 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class BoundaryReduceHooks:
+    """Stages 0-1: start each bucket's reduction while the rest of backward runs.
+
+    Gradients accumulate in place into each unit's flat `grads` buffer on every micro-step. On
+    the last micro-step of an accumulation cycle (`arm`), a per-parameter post-accumulate hook
+    counts the unit's gradients; when the last one lands, the unit's all-reduce (stage 0) or
+    reduce-scatter (stage 1) is launched at once, as DDP's buckets do, instead of after
+    backward. Other micro-steps pay only the disarmed check: no communication.
+    """
+
+    def __init__(self, units: list[FlatUnit]) -> None:
+        self.units = units
+        self._armed = False
+        self._ready: dict[FlatUnit, int] = {}
+        self._launched: dict[FlatUnit, tuple[comm.Pending, torch.Tensor]] = {}
+        self._handles = []
+        for unit in units:
+            for slot, p in zip(unit.layout.slots, unit.params, strict=True):
+                if slot.group >= 0:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(unit)))
+
+    def _hook(self, unit: FlatUnit) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if not self._armed or unit in self._launched:
+                return
+            ready = self._ready.get(unit, 0) + 1
+            self._ready[unit] = ready
+            if ready == unit.trainable:
+                self._launched[unit] = unit.reduce_full_grads()
+
+        return hook
+
+    def arm(self) -> None:
+        self._armed = True
+        self._ready.clear()
+        self._launched.clear()
+
+    def take(self) -> list[tuple[FlatUnit, comm.Pending, torch.Tensor]]:
+        """Every unit's reduction, launching (in the fixed unit order, the same on every rank)
+        those whose gradients did not all arrive, e.g. parameters unused this step."""
+        out = []
+        for unit in self.units:
+            launched = self._launched.get(unit)
+            if launched is None:
+                launched = unit.reduce_full_grads()
+            out.append((unit, *launched))
+        self._armed = False
+        self._ready.clear()
+        self._launched.clear()
+        return out
 
     def remove(self) -> None:
         for h in self._handles:

@@ -21,7 +21,7 @@ from zray.optim import ParamGroups, build_cpu_optimizer, build_optimizer, group_
 from zray.parallel.context import ParallelContext
 from zray.zero import comm
 from zray.zero.grouping import UnitSpec, bucket_units, module_units
-from zray.zero.hooks import GradHooks, Stage3Hooks
+from zray.zero.hooks import BoundaryReduceHooks, GradHooks, Stage3Hooks
 from zray.zero.partition import Segment, StagePlan, build_layout
 from zray.zero.unit import FlatUnit, UnitKind, UnitSettings
 
@@ -65,9 +65,12 @@ class ZeroOptimizer:
         self.units = [self._make_unit(s, group_of) for s in specs]
 
         self.grad_hooks: GradHooks | None = None
+        self.boundary_hooks: BoundaryReduceHooks | None = None
         self.stage3: Stage3Hooks | None = None
         if plan.reduce_in_backward:
             self.grad_hooks = GradHooks(self.units)
+        elif ctx.is_distributed:
+            self.boundary_hooks = BoundaryReduceHooks(self.units)
         if plan.partition_params:
             self.stage3 = Stage3Hooks(self.units, int(zero_cfg.stage3_prefetch_bucket_size))
             assert self.grad_hooks is not None
@@ -133,6 +136,8 @@ class ZeroOptimizer:
         if self.grad_hooks is None:
             for unit in self.units:
                 unit.install_grad_views()
+            if boundary and self.boundary_hooks is not None:
+                self.boundary_hooks.arm()
         if self.stage3 is not None:
             self.stage3.begin_backward()
 
@@ -157,7 +162,10 @@ class ZeroOptimizer:
                 assert acc is not None
                 self._master_grads[unit] = acc if acc.dtype == torch.float32 else acc.float()
         else:
-            launched = [(u, *u.reduce_full_grads()) for u in self.units]
+            if self.boundary_hooks is not None:
+                launched = self.boundary_hooks.take()  # most already launched during backward
+            else:
+                launched = [(u, *u.reduce_full_grads()) for u in self.units]
             self._master_grads = {}
             for unit, pending, out in launched:
                 pending.wait()
@@ -197,6 +205,11 @@ class ZeroOptimizer:
         if self.ctx.is_cuda:
             torch.cuda.current_stream().synchronize()  # host sync: the CPU step reads them next
 
+    @property
+    def master_grads(self) -> dict[FlatUnit, torch.Tensor]:
+        """Each unit's reduced fp32 (or offloaded) gradient shard, between reduce and zero_grad."""
+        return self._master_grads
+
     def grad_sumsq(self) -> torch.Tensor:
         """Sum of squares of the summed gradients over all ranks, as a 1-element fp32 tensor.
 
@@ -231,6 +244,16 @@ class ZeroOptimizer:
         `publish_params` sends back to the device.
         """
         if not self.offload:
+            if any(g.get("fused") for g in self.optimizer.param_groups):
+                # torch's fused Adam divides each gradient by `grad_scale` as it reads it (the
+                # protocol torch.amp.GradScaler uses), which saves a separate pass over the
+                # fp32 gradients; the value stays on the device, so there is no host sync.
+                self.optimizer.grad_scale = factor.reshape(()).reciprocal()
+                try:
+                    self.optimizer.step()
+                finally:
+                    del self.optimizer.grad_scale
+                return
             self.scale_grads(factor)
             self.optimizer.step()
             return
