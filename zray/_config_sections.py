@@ -264,6 +264,10 @@ class ZeroConfig(Section):
 
     stage: int = field(default=0, metadata=meta(choices=(0, 1, 2, 3)))
     overlap_comm: bool | None = None
+    # zray's own: with NCCL, the collectives that overlap compute (stage-3 gathers, reductions
+    # during backward) run on a second communicator capped at this many CTAs, so they take
+    # fewer SMs from the matrix multiplies they hide behind; 0 leaves NCCL's choice.
+    overlap_comm_max_ctas: int = field(default=0, metadata=meta(ge=0, le=64))
     contiguous_gradients: bool = True
     reduce_scatter: bool = True
     reduce_bucket_size: int = field(default=500_000_000, metadata=meta(gt=0))
@@ -352,7 +356,8 @@ class ActivationCheckpointingConfig(Section):
 
 @dataclass(frozen=True)
 class TensorParallelConfig(Section):
-    """Tensor slicing degree. Parsed now, used once tensor slicing lands."""
+    """Tensor slicing degree: the world is a (world / tp_size) x tp_size data x tensor mesh
+    (`ParallelContext.with_tensor_parallel`, which also checks that tp_size divides the world)."""
 
     _path: ClassVar[str] = "tensor_parallel"
 
@@ -364,6 +369,9 @@ class TensorParallelConfig(Section):
         given: dict[str, Any] = {}
         if "autotp_size" in raw:
             value = coerce(raw.pop("autotp_size"), int, "tensor_parallel.autotp_size")
+            if value < 0:
+                # Checked here: past this point the error would name tp_size, not what was set.
+                raise ConfigError("tensor_parallel.autotp_size", value, "an integer >= 0 (0: off)")
             given["tensor_parallel.autotp_size"] = 1 if value == 0 else value
         if "tp" in raw:
             tp = coerce(raw.pop("tp"), dict, "tensor_parallel.tp")

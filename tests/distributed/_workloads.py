@@ -120,7 +120,8 @@ def bf16_stages(stages: tuple[int, ...] = (0, 3)) -> dict[int, dict[str, Any]]:
 
 
 def memory_per_stage() -> dict[int, dict[str, Any]]:
-    """Bytes per rank after one bf16 step, with what the formula needs to predict them."""
+    """Bytes per rank after one bf16 step (and gradient bytes just before it), with what the
+    formula needs to predict them."""
     ctx = zray.init_distributed()
     out = {}
     tokens = data()
@@ -142,9 +143,11 @@ def memory_per_stage() -> dict[int, dict[str, Any]]:
             engine.backward(
                 engine(**micro_batch(tokens, 0, micro, ctx.dp_rank, ctx.dp_size, ctx.device))
             )
+            before_step = engine.memory_breakdown()
             engine.step()
         out[stage] = {
             "memory": engine.memory_breakdown(),
+            "grads_before_step": before_step["grads"],
             "optimizer_tensors": len(engine.optimizer.optimizer.state),
         }
     return out

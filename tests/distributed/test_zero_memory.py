@@ -4,7 +4,11 @@ With Psi parameters, N ranks, bf16 compute (2 bytes) and Adam (fp32 master 4 + t
     stage 0: 2 Psi params, 2 Psi grads, (4 + 8) Psi optimizer
     stage 1: 2 Psi params, 2 Psi grads, (4 + 8) Psi / N optimizer
     stage 2: 2 Psi params, 2 Psi / N grads, 12 Psi / N optimizer
-    stage 3: 2 Psi / N params, 2 Psi / N grads, 12 Psi / N optimizer
+    stage 3: 0 params, 2 Psi / N grads, 12 Psi / N optimizer
+At stages 2-3 the gradient shard exists only from the first reduction of an accumulation cycle
+to the step (checked just before the step; zero after it). At stage 3 the fp32 master is the
+only copy of a released parameter: each gather casts it into the 16-bit buffer, so there is no
+2 Psi / N 16-bit shard (the paper's formula counts one).
 "Buffers accounted for": each flat unit is padded to a multiple of 16 * N elements (16 at
 stage 0), master weights cover the padding but Adam moments do not (they live on the real
 parameter ranges only), Adam keeps one 4-byte step counter per tensor, and stage-3 parameters at
@@ -44,7 +48,7 @@ def expected(stage: int, world: int, rank: int, n_opt_tensors: int) -> dict[str,
         mine = psi if stage == 0 else owned(psi, p, world, rank)
         return {
             "params": 2 * p,
-            "grads": 2 * p if stage < 2 else 2 * shard,
+            "grads": 2 * p if stage < 2 else 2 * shard,  # (stage 2: just before the step)
             "optimizer": 4 * shard + 8 * mine + step_counters,
         }
     # Stage 3: one unit per block, one for the root's large parameters, one persistent unit.
@@ -56,8 +60,8 @@ def expected(stage: int, world: int, rank: int, n_opt_tensors: int) -> dict[str,
     pers = pad(persistent, 16 * world)
     units = [(n, p) for n, p in zip([root, *blocks], sharded, strict=True)] + [(persistent, pers)]
     return {
-        "params": sum(2 * p // world for p in sharded) + 2 * pers,
-        "grads": sum(2 * p // world for _, p in units),
+        "params": 2 * pers,  # only the persistent unit is held whole; no 16-bit shards
+        "grads": sum(2 * p // world for _, p in units),  # just before the step
         "optimizer": sum(4 * p // world + 8 * owned(n, p, world, rank) for n, p in units)
         + step_counters,
     }
@@ -69,6 +73,9 @@ def test_bytes_follow_zero_formula(world: int) -> None:
     for rank, per_stage in enumerate(results):
         for stage, got in per_stage.items():
             want = expected(stage, world, rank, got["optimizer_tensors"])
+            assert got["grads_before_step"] == want["grads"], f"world {world} rank {rank}"
+            if stage >= 2:
+                want["grads"] = 0  # the shard is dropped with the step
             assert got["memory"] == want, f"world {world} rank {rank} stage {stage}"
     # And the point of ZeRO, in one line per stage (rank 0): each stage holds less.
     total = [sum(results[0][s]["memory"].values()) for s in range(4)]

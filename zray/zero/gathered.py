@@ -73,6 +73,5 @@ class GatheredParameters:
         values = p.data.reshape(-1)[lo:hi]
         at = slot.offset + lo - unit.shard_lo  # position inside this rank's shard
         unit.master[at : at + hi - lo].copy_(values)
-        if unit.kind is UnitKind.ON_DEMAND:
-            assert unit.shard is not None
+        if unit.kind is UnitKind.ON_DEMAND and unit.shard is not None:
             unit.shard[at : at + hi - lo].copy_(values)

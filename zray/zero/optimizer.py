@@ -63,6 +63,9 @@ class ZeroOptimizer:
         else:
             specs = bucket_units(model, int(zero_cfg.reduce_bucket_size))
         self.units = [self._make_unit(s, group_of) for s in specs]
+        overlap = comm.capped_group(ctx.dp_group, int(zero_cfg.overlap_comm_max_ctas))
+        for unit in self.units:
+            unit.overlap_group = overlap
 
         self.grad_hooks: GradHooks | None = None
         self.boundary_hooks: BoundaryReduceHooks | None = None
@@ -159,7 +162,10 @@ class ZeroOptimizer:
             self._master_grads = {}
             for unit in self.units:
                 acc = unit.grad_acc
-                assert acc is not None
+                if acc is None:  # no gradient reached this unit in the whole cycle
+                    acc = torch.zeros(
+                        unit.shard_hi - unit.shard_lo, dtype=torch.float32, device=unit.device
+                    )
                 self._master_grads[unit] = acc if acc.dtype == torch.float32 else acc.float()
         else:
             if self.boundary_hooks is not None:

@@ -5,13 +5,21 @@
             gathered on demand; at stage 3 its storage is resized to 0 when released and back
             to P bytes when gathered, so the parameter views stay valid without re-pointing
             (saved-for-backward views included).
-- `shard`   [S] compute dtype, stage 3 only: this rank's part of the parameters while released.
+- `shard`   [S] stage 3 only, and only where the gather cannot read `master` on the device (fp32
+            compute, where it *is* the master; offload_param, where it lives in host memory;
+            offload_optimizer, where the master does): this rank's part of the parameters while
+            released. With 16-bit compute and the master on the device there is no 16-bit copy
+            at all: each gather casts the master into its own slice of `full` and gathers in
+            place, so stage 3 holds 12 bytes per parameter / N instead of 14.
 - `master`  [S] fp32 master weights of this rank's range; aliases `full`/`shard` when the compute
             dtype is already fp32, so fp32 training holds no second copy.
 - `grads`   [P] compute dtype, stages 0-1: parameters' .grad are views into it, autograd
             accumulates micro-steps into it in place, and it is reduced once at the boundary.
 - `grad_acc`[S] accumulation dtype (the reduce dtype unless data_types.grad_accum_dtype says
             otherwise), stages 2-3: the reduced local gradient shard, summed over micro-steps.
+            Exists only from the first reduction of an accumulation cycle to the step: the
+            first reduced bucket becomes it, and zero_grads drops it, so forward (where
+            activations peak) runs without it.
 - `bucket`  [P] reduce dtype, stages 2-3, transient: filled by per-parameter hooks during backward,
             reduce-scattered as soon as the last gradient of the unit arrives, then dropped.
 """
@@ -68,6 +76,9 @@ class FlatUnit:
         assert len(params) == len(layout.slots)
         self.name, self.module, self.layout, self.params = name, module, layout, params
         self.kind, self.ctx, self.settings = kind, ctx, settings
+        # The group for collectives that run while compute does (gathers before use,
+        # reductions during backward); ZeroOptimizer may give them their own communicator.
+        self.overlap_group = ctx.dp_group
         compute_dtype = settings.compute_dtype
         self.compute_dtype, self.reduce_dtype = compute_dtype, settings.reduce_dtype
         self.grads_in_backward = settings.grads_in_backward
@@ -92,9 +103,15 @@ class FlatUnit:
         self.full = flat32 if compute_dtype == torch.float32 else flat32.to(compute_dtype)
         self.shard: torch.Tensor | None = None
         if kind is UnitKind.ON_DEMAND:
-            shard = self.full[lo:hi].clone()
-            self.shard = host(shard) if settings.offload_params else shard
-            self.master = self.shard if alias else flat32[lo:hi].clone()
+            if alias:
+                self.shard = self.full[lo:hi].clone()
+                self.master = self.shard
+            else:
+                self.master = flat32[lo:hi].clone()
+                if settings.offload_params:
+                    self.shard = host(self.full[lo:hi])
+                elif settings.offload_optimizer:
+                    self.shard = self.full[lo:hi].clone()
         else:
             self.master = self.full[lo:hi] if alias else flat32[lo:hi].clone()
         # Offload: fp32 master in host memory; the gradient shard and, for 16-bit compute, the
@@ -115,9 +132,8 @@ class FlatUnit:
 
         self.grads: torch.Tensor | None = None
         self.grad_acc: torch.Tensor | None = None
-        if settings.grads_in_backward:
-            self.grad_acc = torch.zeros(hi - lo, dtype=settings.accum_dtype, device=self.device)
-        else:
+        self.accum_dtype = settings.accum_dtype
+        if not settings.grads_in_backward:
             self.grads = torch.zeros(layout.padded_numel, dtype=compute_dtype, device=self.device)
             self.install_grad_views()
         self._bucket: torch.Tensor | None = None
@@ -134,18 +150,23 @@ class FlatUnit:
         """Start the all-gather of the parameters (ON_DEMAND units; no-op otherwise)."""
         if self.state is not ShardState.SHARDED:
             return
-        assert self.shard is not None
         nbytes = self.layout.padded_numel * self.full.element_size()
         self.full.untyped_storage().resize_(nbytes)
         # Writing into the buffer bumps the version counter that the parameter views share,
         # which would fail autograd's saved-tensor check in backward; the values are the same
         # parameters as in forward, so the bump is suppressed.
-        src = self.shard
-        if src.device != self.full.device:  # offload_param: the shard comes up from host memory
-            src = src.to(self.full.device, non_blocking=True)
         with torch.autograd._unsafe_preserve_version_counter(self.full):
+            if self.shard is None:
+                # Cast the fp32 master into this rank's slice and gather in place.
+                src = self.full[self.shard_lo : self.shard_hi]
+                src.copy_(self.master)
+            elif self.shard.device != self.full.device:
+                # offload_param: the shard comes up from host memory.
+                src = self.shard.to(self.full.device, non_blocking=True)
+            else:
+                src = self.shard
             self._gather = comm.all_gather_flat(
-                self.full, src, self.ctx.dp_group, self.ctx.comm_stats
+                self.full, src, self.overlap_group, self.ctx.comm_stats
             )
         self.state = ShardState.GATHERING
 
@@ -174,8 +195,8 @@ class FlatUnit:
         """
         src = self.lowp_host if self.lowp_host is not None else self.master
         if self.kind is UnitKind.ON_DEMAND:
-            assert self.shard is not None
-            if src.data_ptr() != self.shard.data_ptr():
+            # No shard: the next gather reads the master itself.
+            if self.shard is not None and src.data_ptr() != self.shard.data_ptr():
                 self.shard.copy_(src, non_blocking=True)
             return None
         local = self.full[self.shard_lo : self.shard_hi]
@@ -215,11 +236,11 @@ class FlatUnit:
             else self.grads.to(self.reduce_dtype)
         )
         if self.kind is UnitKind.REPLICATED:
-            return comm.all_reduce_sum(src, self.ctx.dp_group, self.ctx.comm_stats), src
+            return comm.all_reduce_sum(src, self.overlap_group, self.ctx.comm_stats), src
         out = torch.empty(
             self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
         )
-        return comm.reduce_scatter_sum(out, src, self.ctx.dp_group, self.ctx.comm_stats), out
+        return comm.reduce_scatter_sum(out, src, self.overlap_group, self.ctx.comm_stats), out
 
     # ---- gradients, stages 2-3 --------------------------------------------------------------
 
@@ -248,7 +269,9 @@ class FlatUnit:
         out = torch.empty(
             self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
         )
-        pending = comm.reduce_scatter_sum(out, self._bucket, self.ctx.dp_group, self.ctx.comm_stats)
+        pending = comm.reduce_scatter_sum(
+            out, self._bucket, self.overlap_group, self.ctx.comm_stats
+        )
         self._reduce = (pending, out)
         self._bucket = None  # the Pending handle keeps it alive until the collective ends
 
@@ -258,8 +281,10 @@ class FlatUnit:
             return
         pending, out = self._reduce
         pending.wait()
-        assert self.grad_acc is not None
-        self.grad_acc.add_(out)
+        if self.grad_acc is None:  # the cycle's first reduction becomes the accumulator
+            self.grad_acc = out if out.dtype == self.accum_dtype else out.to(self.accum_dtype)
+        else:
+            self.grad_acc.add_(out)
         self._reduce = None
         self._ready = 0
 
@@ -269,8 +294,7 @@ class FlatUnit:
     def zero_grads(self) -> None:
         if self.grads is not None:
             self.grads.zero_()
-        if self.grad_acc is not None:
-            self.grad_acc.zero_()
+        self.grad_acc = None  # freed until the next cycle's first reduction
         self._bucket, self._reduce, self._ready = None, None, 0
 
     # ---- introspection ----------------------------------------------------------------------
