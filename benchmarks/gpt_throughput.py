@@ -59,10 +59,53 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
     )
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
+def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)  # the same initial weights for every engine
     with torch.device(device):
+        if args.hf == "llama":
+            return hf_llama(args)
         return GPT(model_config(args))
+
+
+def hf_llama(args: argparse.Namespace) -> torch.nn.Module:
+    """A Hugging Face Llama of the same size class (MLP width 8/3 D rounded to 64, so a layer has
+    ~12 D^2 weights like the GPT's), built from its config: random weights, no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden = -(-(8 * args.d_model // 3) // 64) * 64
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.d_model,
+        intermediate_size=hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=args.tie,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def flops_and_params(args: argparse.Namespace) -> tuple[int, int]:
+    """(training FLOPs per token, parameters): 6 N + 12 L D T with N the matmul weights."""
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        if not args.hf:
+            meta = GPT(model_config(args))
+            return meta.flops_per_token(), meta.num_params()
+        model = build_model(args, torch.device("meta"))
+    total = sum(p.numel() for p in model.parameters())
+    lookup = 0 if args.tie else model.get_input_embeddings().weight.numel()
+    attention = 12 * args.layers * args.d_model * args.seq
+    return 6 * (total - lookup) + attention, total
+
+
+def _loss(out: object) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.loss  # HF models return an output
+
+
+def tp_config(args: argparse.Namespace, key: str) -> dict[str, Any]:
+    return {"tensor_parallel": {key: args.tp}} if args.tp > 1 else {}
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
@@ -106,7 +149,7 @@ def torch_engine(args: argparse.Namespace, device: torch.device, kind: str) -> S
 
     def step(batch: Batch) -> torch.Tensor:
         with autocast:
-            loss = net(**batch)
+            loss = _loss(net(**batch))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip, foreach=True)
         opt.step()
@@ -130,11 +173,12 @@ def zray_engine(args: argparse.Namespace, device: torch.device, stage: int) -> S
         "optimizer": {"type": "AdamW", "params": adamw_kwargs(args)},
         "zero_optimization": {"stage": stage, **json.loads(args.zray_zero or "{}")},
         "steps_per_print": 10**9,
+        **tp_config(args, "tp_size"),
     }
     engine, *_ = zray.initialize(model=model, config=config)
 
     def step(batch: Batch) -> torch.Tensor:
-        loss = engine(**batch)
+        loss = _loss(engine(**batch))
         engine.backward(loss)
         engine.step()
         return loss.detach()
@@ -158,13 +202,14 @@ def deepspeed_engine(args: argparse.Namespace, device: torch.device, stage: int)
         "zero_optimization": {"stage": stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **tp_config(args, "autotp_size"),  # DeepSpeed AutoTP (training mode)
     }
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=config
     )
 
     def step(batch: Batch) -> torch.Tensor:
-        loss = engine(**batch)
+        loss = _loss(engine(**batch))
         engine.backward(loss)
         engine.step()
         return loss.detach()
@@ -228,11 +273,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     if args.engine == "plain" and world != 1:
         raise SystemExit("--engine plain is the one-GPU loop: run it with one process")
-    cfg = model_config(args)
-    with torch.device("meta"):  # shapes only: no memory, no init time
-        meta = GPT(cfg)
-    flops_per_token, n_params = meta.flops_per_token(), meta.num_params()
-    data = batches(args, rank, world, device)
+    if args.tp > 1 and (world % args.tp or not (args.engine.startswith(("zray", "ds")))):
+        raise SystemExit("--tp needs a zray or ds engine and a world size it divides")
+    flops_per_token, n_params = flops_and_params(args)
+    # Ranks are tp-contiguous in both engines: a tensor group shares one data rank's batch.
+    data = batches(args, rank // args.tp, world // args.tp, device)
     t_init = time.perf_counter()
     step = make_engine(args, device)
     init_s = time.perf_counter() - t_init
@@ -261,12 +306,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     peak = torch.tensor([peak_bytes], device=device, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    tokens = args.micro_batch * args.seq
+    tokens = args.micro_batch * args.seq // args.tp  # a tensor group shares one micro-batch
     tflops = flops_per_token * tokens / step_s / 1e12
     row = {
         "engine": args.engine,
         "tag": args.tag,
         "world": world,
+        "tp": args.tp,
+        "model": args.hf or "gpt",
         "compile": bool(args.compile),
         "params": n_params,
         "flops_per_token": flops_per_token,
@@ -303,7 +350,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(
-            f"| {r['engine']}{' ' + r['tag'] if r.get('tag') else ''} | {r['world']} | "
+            f"| {r['engine']}{' ' + r['tag'] if r.get('tag') else ''} | {_mesh(r)} | "
             f"{r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {r['peak_gb']:.1f} | "
             f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |"
@@ -311,10 +358,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _mesh(r: dict[str, Any]) -> str:
+    tp = r.get("tp", 1)
+    return f"{r['world']}" if tp == 1 else f"{r['world']} (dp{r['world'] // tp} x tp{tp})"
+
+
 def checks(rows: list[dict[str, Any]], loss_rtol: float) -> list[tuple[str, bool, str]]:
     """The issue's bars, each as (what, passed, the numbers). Missing engines are skipped."""
     # Tagged rows are variants (other settings): reported in the table, not held to the bars.
     multi = {r["engine"]: r for r in rows if r["world"] > 1 and not r.get("tag")}
+    multi = {
+        e: r for e, r in multi.items() if r.get("tp", 1) == 1 and r.get("model") in (None, "gpt")
+    }
     one = {r["engine"]: r for r in rows if r["world"] == 1 and not r.get("tag")}
     out: list[tuple[str, bool, str]] = []
 
@@ -366,6 +421,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--tp", type=int, default=1, help="tensor slicing degree (zray, ds AutoTP)")
+    p.add_argument("--hf", default="", choices=["", "llama"], help="a Hugging Face model instead")
     p.add_argument("--tie", action="store_true", help="tie the embedding and the output layer")
     p.add_argument("--no-bias", action="store_true")
     p.add_argument("--warmup", type=int, default=3)

@@ -264,10 +264,6 @@ class ZeroConfig(Section):
 
     stage: int = field(default=0, metadata=meta(choices=(0, 1, 2, 3)))
     overlap_comm: bool | None = None
-    # zray's own: with NCCL, the collectives that overlap compute (stage-3 gathers, reductions
-    # during backward) run on a second communicator capped at this many CTAs, so they take
-    # fewer SMs from the matrix multiplies they hide behind; 0 leaves NCCL's choice.
-    overlap_comm_max_ctas: int = field(default=0, metadata=meta(ge=0, le=64))
     contiguous_gradients: bool = True
     reduce_scatter: bool = True
     reduce_bucket_size: int = field(default=500_000_000, metadata=meta(gt=0))

@@ -3,9 +3,11 @@
 [Note: one optimizer step, top to bottom] (`Engine._boundary_step`)
 1. reduce:   gradients summed over data-parallel ranks (stages 0-1 here, 2-3 during backward)
 2. measure:  sum of squares of the local gradient shard, summed over ranks (one 4-byte
-             all-reduce); it is also the overflow test, since inf/nan propagate through it
+             all-reduce); it is also the overflow test, since inf/nan propagate through it.
+             On a data x tensor mesh the sliced part is also summed over the tensor group and
+             the replicated part counted once (`zray.zero.mesh_norm`)
 3. skip?:    fp16 only: a non-finite sum skips the step on every rank (the one host sync)
-4. scale:    one multiply per shard = 1 / (loss scale x world) x clip coefficient, on the device
+4. scale:    one multiply per shard = 1 / (loss scale x dp world) x clip coefficient, on device
 5. update:   the torch optimizer steps this rank's fp32 master shard, then the LR schedule
              (offload: the gradient shard goes to host memory in step 1, and steps 4-5 are one
              fused pass of zray's CPU Adam that also writes the 16-bit parameter copy)
@@ -28,11 +30,13 @@ from zray.config import BatchSizes, Config
 from zray.errors import ConfigError
 from zray.metrics.profiler import ProfileReport, profile_step
 from zray.metrics.timer import Phase, StepTimer
-from zray.optim import normalize_param_groups
+from zray.optim import ParamGroups, normalize_param_groups
 from zray.parallel.context import ParallelContext
+from zray.parallel.tensor import apply_tensor_parallel, gather_tp_tensor, tp_slices
 from zray.precision import LossScaler
 from zray.schedulers import build_scheduler
 from zray.zero import comm
+from zray.zero.mesh_norm import MeshGradNorm
 from zray.zero.optimizer import ZeroOptimizer
 from zray.zero.partition import StagePlan
 from zray.zero.unit import UnitSettings
@@ -55,19 +59,24 @@ class Engine(nn.Module):
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ) -> None:
         super().__init__()
+        # The data x tensor mesh (collective the first time): ZeRO and the batch see dp only.
+        ctx = ctx.with_tensor_parallel(config.tensor_parallel.tp_size)
         self.config, self.ctx = config, ctx
         self.batch: BatchSizes = config.resolve_batch(ctx.dp_size)
         self.gas = self.batch.gradient_accumulation_steps
         self.compute_dtype: torch.dtype = config.compute_dtype
         self.plan = StagePlan(config.zero_optimization.stage)
 
-        apply_activation_checkpointing(model, _as_policy(config.activation_checkpointing.modules))
         model.to(ctx.device)
-        _broadcast_module(model, ctx)
         if isinstance(optimizer, torch.optim.Optimizer):
             groups = [dict(g) for g in optimizer.param_groups]
         else:
             groups = normalize_param_groups(model, model_parameters)
+        if ctx.tp_size > 1:
+            groups = _slice_model(model, ctx, groups)
+        # After slicing: checkpointing wraps forwards in place, slicing replaces modules.
+        apply_activation_checkpointing(model, _as_policy(config.activation_checkpointing.modules))
+        _broadcast_module(model, ctx)
         comm_dtype = config.communication_data_type
         reduce_dtype = _DTYPES[comm_dtype] if comm_dtype else self.compute_dtype
         accum = config.data_types.grad_accum_dtype
@@ -100,6 +109,9 @@ class Engine(nn.Module):
             optimizer_spec=config.optimizer,
             client_optimizer=optimizer,
         )
+        self._mesh_norm: MeshGradNorm | None = None
+        if ctx.tp_size > 1:
+            self._mesh_norm = MeshGradNorm(self.zero.units, ctx, self.plan.partition_optimizer)
         # Buffers follow the compute dtype, as DeepSpeed casts the whole module.
         for buf_name, buf in list(model.named_buffers()):
             if buf.is_floating_point() and buf.dtype != self.compute_dtype:
@@ -260,7 +272,10 @@ class Engine(nn.Module):
         zero = self.zero
         with self.timer.phase(Phase.COMMUNICATION):
             zero.reduce_gradients()  # 1
-        sumsq = zero.grad_sumsq()  # 2
+        if self._mesh_norm is None:  # 2
+            sumsq = zero.grad_sumsq()
+        else:
+            sumsq = self._mesh_norm.grad_sumsq(zero.master_grads)
         self.global_steps += 1
         if self.scaler.dynamic:  # 3
             overflow = not bool(torch.isfinite(sumsq).item())  # host sync (fp16 only)
@@ -308,7 +323,9 @@ class Engine(nn.Module):
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """The full fp32 master weights (and buffers) keyed like `module.state_dict()`.
 
-        Collective: every rank must call it; every rank gets the whole dict (on CPU).
+        Collective: every rank must call it; every rank gets the whole dict (on CPU). With
+        tensor slicing the sliced entries are gathered to their full shapes, so the dict loads
+        into the unsliced model.
         """
         full_of: dict[int, torch.Tensor] = {}
         for unit in self.zero.units:
@@ -327,6 +344,10 @@ class Engine(nn.Module):
             else:
                 t = t.detach().cpu()
                 out[name] = t.float() if t.is_floating_point() else t.clone()
+        if self.ctx.tp_size > 1:
+            for name, spec in tp_slices(self.module).items():
+                if name in out:
+                    out[name] = gather_tp_tensor(out[name], spec, self.ctx.tp_group)
         return out
 
     def memory_breakdown(self) -> dict[str, int]:
@@ -371,7 +392,7 @@ class Engine(nn.Module):
             return None, {}
         reader = CheckpointReader(found)
         restore(self, reader)
-        mine = reader.rank_state(self.ctx.dp_rank) or {}
+        mine = reader.rank_state(self.ctx.rank) or {}  # saved by global rank (dp x tp mesh)
         return str(found), dict(mine.get("client_state") or {})
 
 
@@ -422,6 +443,35 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+def _slice_model(model: nn.Module, ctx: ParallelContext, groups: ParamGroups) -> ParamGroups:
+    """Slice `model` in place for this rank of the tensor group; return `groups` pointing at
+    the sliced model's parameters (they named the whole model's, which slicing replaces).
+
+    The whole model must be the same on every rank of the tensor group before it is cut (each
+    rank keeps a different part of it): tp rank 0's is broadcast over the group first. Costs
+    one broadcast of the whole model; `_broadcast_module` then aligns the dp group.
+    """
+    name_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for gi, g in enumerate(groups):
+        for p in g["params"]:
+            if id(p) not in name_of:
+                raise ValueError(
+                    f"param group {gi}: a parameter of shape {tuple(p.shape)} is not in the model;"
+                    " with tensor_parallel every optimized parameter must belong to the model"
+                )
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            comm.broadcast(t.data, 0, ctx.tp_group)
+    apply_tensor_parallel(model, ctx.tp_group, ctx.tp_rank, ctx.tp_size)
+    new = dict(model.named_parameters(remove_duplicate=False))
+    out: ParamGroups = []
+    for g in groups:
+        # A tied parameter named twice in the whole model is one (sliced) parameter here too.
+        params = list({id(q): q for q in (new[name_of[id(p)]] for p in g["params"])}.values())
+        out.append({**g, "params": params})
+    return out
 
 
 def _broadcast_module(model: nn.Module, ctx: ParallelContext) -> None:

@@ -148,6 +148,16 @@ def fit(
     from zray.cluster.controller_actor import ControllerActor
 
     cfg = Config.load(config)
+    if cfg.tensor_parallel.tp_size > 1:
+        # The worker side (batch plans per world size, token metrics, elastic handover) still
+        # counts every worker as a data-parallel rank: refuse rather than train wrongly.
+        raise ConfigError(
+            "tensor_parallel.tp_size",
+            cfg.tensor_parallel.tp_size,
+            "1 with zray.fit",
+            "tensor_parallel with zray.fit: not supported yet; use zray.initialize under a "
+            "launcher (torchrun, zray.launch) for tensor slicing",
+        )
     changes = {
         k: v
         for k, v in {

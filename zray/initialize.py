@@ -66,6 +66,9 @@ def initialize(
     cfg = Config.load(config)
     ctx = _init_distributed()
     engine = Engine(model, cfg, ctx, model_parameters, optimizer, lr_scheduler)
+    # The engine's context is the data x tensor mesh: ranks of one tensor group read the same
+    # samples, so the data is split over the data-parallel dimension only.
+    ctx = engine.ctx
     loader = None
     if training_data is not None:
         sampler = (

@@ -488,6 +488,16 @@ MALFORMED: list[tuple[str, dict[str, Any], str, list[str]]] = [
      "autotp_size", ["got 2", "tensor_parallel.tp_size"]),
     ("tp-conflict-inside", {"tensor_parallel": {"autotp_size": 2, "tp_size": 4}},
      "tensor_parallel.autotp_size", ["got 2", "tensor_parallel.tp_size"]),
+    ("tp-size-0", {"tensor_parallel": {"tp_size": 0}},
+     "tensor_parallel.tp_size", ["got 0", "an integer > 0"]),
+    ("tp-size-str", {"tensor_parallel": {"tp_size": "two"}},
+     "tensor_parallel.tp_size", ["got 'two'", "an integer > 0"]),
+    ("tp-size-bool", {"tensor_parallel": {"tp_size": True}},
+     "tensor_parallel.tp_size", ["got True"]),
+    ("autotp-negative", {"tensor_parallel": {"autotp_size": -1}},
+     "tensor_parallel.autotp_size", ["got -1", "an integer >= 0 (0: off)"]),
+    ("autotp-float", {"autotp_size": 1.5},
+     "tensor_parallel.autotp_size", ["got 1.5", "an integer"]),
     ("cpu-offload-twice",
      {"zero_optimization": {"stage": 2, "cpu_offload": True, "offload_optimizer": {"device": "cpu"}}},
      "zero_optimization.cpu_offload", ["got True"]),
@@ -825,3 +835,34 @@ def test_ignore_non_elastic_batch_info_warns_and_overrides() -> None:
         "gradient_accumulation_steps: overridden by the elasticity plan (elasticity.enabled is true)",
     ]
     assert cfg.resolve_batch(1) == BatchSizes(16, 4, 4)  # the plan, not train_batch_size 2
+
+
+def test_tp_size_must_divide_the_world() -> None:
+    """The mesh is world = dp x tp: a tp_size that does not divide the world names both."""
+    from zray.parallel.context import ParallelContext
+
+    ctx = ParallelContext.single_process("cpu")
+    assert ctx.with_tensor_parallel(1) is ctx
+    assert (ctx.tp_rank, ctx.tp_size, ctx.tp_group) == (0, 1, None)
+    with pytest.raises(ConfigError) as err:
+        ctx.with_tensor_parallel(2)
+    assert err.value.key == "tensor_parallel.tp_size"
+    assert "got 2" in str(err.value) and "a divisor of the world size (1)" in str(err.value)
+    with pytest.raises(ConfigError, match=r"tensor_parallel.tp_size: .*got 0"):
+        ctx.with_tensor_parallel(0)
+    # Through deepspeed.initialize's door: one process cannot hold a tensor group of 2.
+    import torch
+
+    import zray
+
+    with pytest.raises(ConfigError, match=r"world size \(1\)"):
+        zray.initialize(model=torch.nn.Linear(2, 2), config={"autotp_size": 2})
+
+
+def test_fit_refuses_tensor_parallel() -> None:
+    """zray.fit's workers still count every worker as a data-parallel rank: a clear error, not
+    silently wrong training."""
+    import zray
+
+    with pytest.raises(ConfigError, match=r"tensor_parallel with zray\.fit: not supported yet"):
+        zray.fit(model=lambda: None, data="unused", config={"tensor_parallel": {"tp_size": 2}})

@@ -63,13 +63,17 @@ def commit(
             "bytes": piece_path.stat().st_size,
         }
 
-    params, chosen = select_ranges(str(step_dir), pieces)
+    params, chosen, layouts = select_ranges(str(step_dir), pieces)
     step = piece0["step"]
     manifest = {
         "format": FORMAT,
         "step": step,
         "world_size": piece0["world_size"],
         "zero_stage": piece0["zero_stage"],
+        # Tensor slicing: the saving job's tp size, and how each sliced parameter was cut (its
+        # ranges index slices, see coverage.py); readers at any tp size map through these.
+        "tp_size": piece0.get("tp_size", 1),
+        "tp_layouts": layouts,
         "save_id": piece0["save_id"],
         # A list, not a dict: the JSON writer sorts dict keys, and this order is worth keeping
         # (first appearance in rank order, which follows the model's order within each unit).

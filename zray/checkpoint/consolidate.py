@@ -71,7 +71,7 @@ def consolidate(
 def inspect(step_dir: Path | str) -> dict[str, Any]:
     """A summary of one step dir, committed or not: for `zray checkpoint inspect`.
 
-    Keys: path, step, committed, world_size, zero_stage, num_params, total_elements, keys
+    Keys: path, step, committed, world_size, zero_stage, tp_size, num_params, total_elements, keys
     (tensor keys saved for every parameter), files [{name, bytes}], checksums_ok (None when
     not checked: an uncommitted dir), problems [str]. Cost: hashes every file (reads the
     whole checkpoint).
@@ -85,6 +85,7 @@ def inspect(step_dir: Path | str) -> dict[str, Any]:
         "committed": read_marker(d) is not None,
         "world_size": None,
         "zero_stage": None,
+        "tp_size": None,
         "num_params": None,
         "total_elements": None,
         "keys": None,
@@ -105,6 +106,7 @@ def inspect(step_dir: Path | str) -> dict[str, Any]:
                     step=r.step,
                     world_size=r.world_size,
                     zero_stage=r.zero_stage,
+                    tp_size=r.tp_size,
                     num_params=len(params),
                     total_elements=sum(numel(s) for s in params.values()),
                     keys=sorted(keys),

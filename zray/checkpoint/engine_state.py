@@ -5,6 +5,11 @@ overlap becomes one ParamRange carrying the fp32 master weights and the optimize
 element-wise state (sliced out of the segment tensor the optimizer steps). Loading does the
 reverse for the *new* layout, asking the reader for exactly the ranges this rank now owns;
 whichever saved ranges cover them are read. World size and ZeRO stage may differ freely.
+
+Tensor slicing: ZeRO's units hold each rank's local slices, so a sliced parameter's ranges index
+its slice and carry its `TPSlice`; loading asks for ranges of the new slice, which the reader
+maps onto whatever tp size saved it. A replicated parameter is identical on every rank of a
+tensor group, so only tp rank 0 saves it (the others' copies would be dead weight on disk).
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from zray.checkpoint.shard import MASTER, ParamRange, RankShard
+from zray.parallel.tp_layers import tp_slices
+from zray.parallel.tp_slice import TPSlice
 
 if TYPE_CHECKING:
     from zray.engine import Engine
 
 
 class RangeReader(Protocol):
-    def read(self, name: str, lo: int, hi: int, key: str = MASTER) -> torch.Tensor: ...
+    def read(
+        self, name: str, lo: int, hi: int, key: str = MASTER, tp: TPSlice | None = None
+    ) -> torch.Tensor: ...
     def keys(self, name: str) -> set[str]: ...
     def rank_state(self, rank: int) -> dict[str, Any] | None: ...
     def global_state(self) -> dict[str, Any]: ...
@@ -48,12 +57,14 @@ def capture(
     """This rank's RankShard (tensors copied to CPU: the result is a snapshot)."""
     ctx, opt = engine.ctx, engine.zero.optimizer
     segments = _segments(engine)
+    specs = tp_slices(engine.module)
     ranges: list[ParamRange] = []
     scalars: dict[int, dict[str, float]] = {}
     for ui, unit in enumerate(engine.zero.units):
         for slot in unit.layout.slots:
             overlap = unit.layout.slot_overlap(slot, ctx.dp_rank)
-            if overlap is None:
+            spec = specs.get(slot.name)
+            if overlap is None or (spec is None and ctx.tp_rank != 0):
                 continue
             lo, hi = overlap
             a = slot.offset + lo  # position in the unit's flat buffer
@@ -68,18 +79,21 @@ def capture(
             ranges.append(
                 ParamRange(
                     slot.name,
-                    tuple(slot.shape),
+                    spec.full_shape if spec is not None else tuple(slot.shape),
                     lo,
                     hi,
                     {k: v.detach().float().cpu().clone() for k, v in tensors.items()},
+                    tp=spec,
                 )
             )
     groups = opt.param_groups
     return RankShard(
-        rank=ctx.dp_rank,
-        world_size=ctx.dp_size,
+        # Global rank and world: every rank of the mesh writes its own file.
+        rank=ctx.rank,
+        world_size=ctx.world_size,
         zero_stage=engine.plan.stage,
         ranges=ranges,
+        tp_size=ctx.tp_size,
         group_scalars=[scalars.get(i, {}) for i in range(len(groups))],
         param_groups=[{k: v for k, v in g.items() if k != "params"} for g in groups],
         engine=engine_counters(engine),
@@ -103,7 +117,8 @@ def restore(engine: Engine, reader: RangeReader, load_optimizer: bool = True) ->
     """Load the reader's checkpoint into `engine`'s current layout; returns the global state."""
     ctx, opt = engine.ctx, engine.zero.optimizer
     segments = _segments(engine)
-    mine = reader.rank_state(ctx.dp_rank) or reader.rank_state(0) or {}
+    specs = tp_slices(engine.module)
+    mine = reader.rank_state(ctx.rank) or reader.rank_state(0) or {}
     group_scalars = mine.get("group_scalars") or []
     with torch.no_grad():
         for ui, unit in enumerate(engine.zero.units):
@@ -113,7 +128,8 @@ def restore(engine: Engine, reader: RangeReader, load_optimizer: bool = True) ->
                     continue
                 lo, hi = overlap
                 a = slot.offset + lo - unit.shard_lo
-                unit.master[a : a + hi - lo].copy_(reader.read(slot.name, lo, hi, MASTER))
+                spec = specs.get(slot.name)
+                unit.master[a : a + hi - lo].copy_(reader.read(slot.name, lo, hi, MASTER, spec))
                 if not load_optimizer or slot.group < 0:
                     continue
                 seg_lo, _, seg_t = segments[(ui, slot.group)]
@@ -123,7 +139,7 @@ def restore(engine: Engine, reader: RangeReader, load_optimizer: bool = True) ->
                         state[key] = torch.zeros_like(seg_t)
                     b = slot.offset + lo - seg_lo
                     state[key].reshape(-1)[b : b + hi - lo].copy_(
-                        reader.read(slot.name, lo, hi, key)
+                        reader.read(slot.name, lo, hi, key, spec)
                     )
         if load_optimizer:
             for gi, group in enumerate(opt.param_groups):
@@ -147,7 +163,7 @@ def restore(engine: Engine, reader: RangeReader, load_optimizer: bool = True) ->
         engine.scaler.load_state_dict(counters["scaler"])
         if engine.lr_scheduler is not None and counters.get("scheduler") is not None:
             engine.lr_scheduler.load_state_dict(counters["scheduler"])
-    rng = (reader.rank_state(ctx.dp_rank) or {}).get("rng")
+    rng = (reader.rank_state(ctx.rank) or {}).get("rng")
     if rng:
         torch.set_rng_state(rng["torch"])
         if ctx.is_cuda and rng.get("cuda") is not None:

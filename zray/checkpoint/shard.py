@@ -5,6 +5,11 @@ them; at stages 1-3 each holds 1/N of each flat unit). Whatever the stage and wo
 is a list of `ParamRange`s: (parameter name, flat range inside the parameter, fp32 tensors for
 that range). Saving writes these ranges; loading asks for the ranges the new layout needs and
 assembles them from whichever saved ranges overlap. That is all resharding is.
+
+With tensor slicing a rank's parameter may be a slice of the full one: its ranges then index the
+rank's local slice, and carry the `TPSlice` that places the slice in the full tensor, so a
+loader at another tensor-parallel size can map them (tp_read.py). `rank` and `world_size` are
+global (a rank of the data x tensor mesh), not data-parallel.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any
 
 import torch
 
+from zray.parallel.tp_slice import TPSlice
+
 # Keys of a ParamRange's tensors: the fp32 master weights, plus the optimizer's element-wise
 # state under its own names (Adam: "exp_avg", "exp_avg_sq"; SGD: "momentum_buffer").
 MASTER = "master"
@@ -22,14 +29,17 @@ MASTER = "master"
 @dataclass
 class ParamRange:
     name: str  # the parameter's name in model.named_parameters() (first name of a tied one)
-    shape: tuple[int, ...]  # the whole parameter's shape
-    lo: int  # flat element range [lo, hi) inside the parameter
+    shape: tuple[int, ...]  # the whole (full, unsliced) parameter's shape
+    lo: int  # flat element range [lo, hi) inside the parameter (inside this rank's slice if tp)
     hi: int
     tensors: dict[str, torch.Tensor]  # key -> fp32 tensor of hi - lo elements (CPU)
+    tp: TPSlice | None = None  # the tensor-parallel slice the range indexes; None: whole
 
     def __post_init__(self) -> None:
+        if self.tp is not None:
+            assert self.tp.full_shape == tuple(self.shape), (self.name, self.tp, self.shape)
         numel = 1
-        for d in self.shape:
+        for d in self.tp.local_shape if self.tp is not None else self.shape:
             numel *= d
         assert 0 <= self.lo < self.hi <= numel, (self.name, self.lo, self.hi, self.shape)
         for k, t in self.tensors.items():
@@ -44,6 +54,7 @@ class RankShard:
     world_size: int
     zero_stage: int
     ranges: list[ParamRange]
+    tp_size: int = 1  # the tensor-parallel size of the saving job (world = dp x tp)
     # Optimizer scalars shared by all elements (Adam's "step"), per param group.
     group_scalars: list[dict[str, float]] = field(default_factory=list)
     # Param group hyperparameters (lr, betas, weight_decay, ...), without the params.

@@ -41,6 +41,7 @@ from zray.checkpoint.format import (
 from zray.checkpoint.safetensors_io import TensorSpec, write_safetensors
 from zray.checkpoint.shard import RankShard
 from zray.checkpoint.state_codec import encode
+from zray.checkpoint.tp_read import tp_json
 
 # Non-tensor state every rank saves, and what rank 0 adds (identical on all ranks: saved once).
 _RANK_SECTIONS = ("group_scalars", "param_groups", "rng", "client_state")
@@ -102,6 +103,7 @@ def save_shard(
         "rank": shard.rank,
         "world_size": shard.world_size,
         "zero_stage": shard.zero_stage,
+        "tp_size": shard.tp_size,
         "save_id": save_id,
         "file": file_name,
         "sha256": sha,
@@ -145,6 +147,7 @@ def _range_tensors(
     ranges_json: list[dict[str, Any]] = []
     seen: set[tuple[str, int, int]] = set()
     for r in shard.ranges:
+        # One rank holds one slice of a parameter, so (name, lo, hi) names a range in its file.
         if (r.name, r.lo, r.hi) in seen:
             raise ValueError(
                 f"rank {shard.rank}: parameter {r.name!r} range [{r.lo}, {r.hi}) appears twice "
@@ -164,16 +167,18 @@ def _range_tensors(
             )
             tensors.append(t.reshape(-1))
             dtypes[key] = str(t.dtype).removeprefix("torch.")
-        ranges_json.append(
-            {
-                "name": r.name,
-                "shape": list(r.shape),
-                "lo": r.lo,
-                "hi": r.hi,
-                "keys": sorted(r.tensors),
-                "dtypes": dtypes,
-            }
-        )
+        entry: dict[str, Any] = {
+            "name": r.name,
+            "shape": list(r.shape),
+            "lo": r.lo,
+            "hi": r.hi,
+            "keys": sorted(r.tensors),
+            "dtypes": dtypes,
+        }
+        if r.tp is not None:
+            # The slice's place in the full tensor (full shape: "shape"); lo / hi index the slice.
+            entry["tp"] = tp_json(r.tp)
+        ranges_json.append(entry)
     return specs, tensors, ranges_json
 
 

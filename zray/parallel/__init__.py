@@ -1,4 +1,4 @@
-"""Process groups and meshes (data parallel now; tensor slicing later)."""
+"""Process groups and the data x tensor mesh (`context`), and tensor slicing (`tensor`)."""
 
 from zray.parallel.context import ParallelContext, init_distributed
 

@@ -9,7 +9,6 @@ free of syncs. On gloo the collective runs on gloo's own thread and `wait()` blo
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -122,25 +121,3 @@ def broadcast(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None) -> N
 def barrier(group: dist.ProcessGroup | None) -> None:
     if _active(group):
         dist.barrier(group=group)
-
-
-def capped_group(group: dist.ProcessGroup | None, max_ctas: int) -> dist.ProcessGroup | None:
-    """A second NCCL communicator over `group`'s ranks using 1 to `max_ctas` CTAs.
-
-    Collective (every rank of the job calls it). Only for a group spanning the whole job: a
-    data-parallel group that is one of several (a tensor-parallel mesh) would need every rank to
-    create every group; such runs keep `group`. Returns `group` when there is nothing to do.
-    """
-    if max_ctas <= 0 or not _active(group) or dist.get_backend(group) != "nccl":
-        return group
-    if dist.get_world_size(group) != dist.get_world_size():
-        warnings.warn(
-            "zero_optimization.overlap_comm_max_ctas is ignored when the data-parallel group is "
-            "not the whole job (tensor parallelism)",
-            stacklevel=2,
-        )
-        return group
-    opts = dist.ProcessGroupNCCL.Options()
-    opts.config.max_ctas = max_ctas
-    opts.config.min_ctas = 1
-    return dist.new_group(dist.get_process_group_ranks(group), pg_options=opts)

@@ -63,9 +63,6 @@ class ZeroOptimizer:
         else:
             specs = bucket_units(model, int(zero_cfg.reduce_bucket_size))
         self.units = [self._make_unit(s, group_of) for s in specs]
-        overlap = comm.capped_group(ctx.dp_group, int(zero_cfg.overlap_comm_max_ctas))
-        for unit in self.units:
-            unit.overlap_group = overlap
 
         self.grad_hooks: GradHooks | None = None
         self.boundary_hooks: BoundaryReduceHooks | None = None

@@ -76,9 +76,6 @@ class FlatUnit:
         assert len(params) == len(layout.slots)
         self.name, self.module, self.layout, self.params = name, module, layout, params
         self.kind, self.ctx, self.settings = kind, ctx, settings
-        # The group for collectives that run while compute does (gathers before use,
-        # reductions during backward); ZeroOptimizer may give them their own communicator.
-        self.overlap_group = ctx.dp_group
         compute_dtype = settings.compute_dtype
         self.compute_dtype, self.reduce_dtype = compute_dtype, settings.reduce_dtype
         self.grads_in_backward = settings.grads_in_backward
@@ -166,7 +163,7 @@ class FlatUnit:
             else:
                 src = self.shard
             self._gather = comm.all_gather_flat(
-                self.full, src, self.overlap_group, self.ctx.comm_stats
+                self.full, src, self.ctx.dp_group, self.ctx.comm_stats
             )
         self.state = ShardState.GATHERING
 
@@ -236,11 +233,11 @@ class FlatUnit:
             else self.grads.to(self.reduce_dtype)
         )
         if self.kind is UnitKind.REPLICATED:
-            return comm.all_reduce_sum(src, self.overlap_group, self.ctx.comm_stats), src
+            return comm.all_reduce_sum(src, self.ctx.dp_group, self.ctx.comm_stats), src
         out = torch.empty(
             self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
         )
-        return comm.reduce_scatter_sum(out, src, self.overlap_group, self.ctx.comm_stats), out
+        return comm.reduce_scatter_sum(out, src, self.ctx.dp_group, self.ctx.comm_stats), out
 
     # ---- gradients, stages 2-3 --------------------------------------------------------------
 
@@ -269,9 +266,7 @@ class FlatUnit:
         out = torch.empty(
             self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
         )
-        pending = comm.reduce_scatter_sum(
-            out, self._bucket, self.overlap_group, self.ctx.comm_stats
-        )
+        pending = comm.reduce_scatter_sum(out, self._bucket, self.ctx.dp_group, self.ctx.comm_stats)
         self._reduce = (pending, out)
         self._bucket = None  # the Pending handle keeps it alive until the collective ends
 
