@@ -4,6 +4,9 @@ Models are built from small configs with random weights (no download). Every ran
 tensor-parallel group (tp = world) builds the same whole model from the same seed, slices it,
 and trains on the same batches as the single-process reference (plain torch AdamW); the result
 is the trained state gathered to full shapes, comparable key by key with the reference's.
+
+`engine_train`: the same GPT-2 trained through `zray.initialize` (ZeRO stages 1 and 3, tensor
+slicing by the engine) at dp1 x tp2, against the same engine at tp1 in one process.
 """
 
 from __future__ import annotations
@@ -151,9 +154,80 @@ def error_messages() -> dict[str, str]:
     return out
 
 
+# ---- GPT-2 trained through the engine (zray.initialize) ----------------------------------------
+
+ENGINE_STAGES = (1, 3)
+# Adam moves every element by about lr per step whatever its gradient's size, so an element
+# whose gradient is near zero (a near cancellation) moves in a direction set by rounding:
+# the two runs' summation orders then differ by up to 2 lr on it. Over the whole model that
+# is ~5e-6 relative at lr 1e-2 (half the tolerance, with CPU-dependent summation orders) and
+# ~1e-6 at 3e-3. Bugs (a missed slice, a replicated gradient not reduced) stay far above it.
+ENGINE_LR = 3e-3
+# Below the gradient norm of every step (~1.1-2.5), so clipping acts on every update; the
+# norms themselves are compared too (Adam would hide a uniformly wrong clipping factor).
+ENGINE_CLIP = 0.5
+
+
+def engine_config(stage: int, tp: int) -> dict[str, Any]:
+    """fp32, AdamW, dp1 x tp (the whole world is one tensor group)."""
+    return {
+        "train_batch_size": B,
+        "gradient_clipping": ENGINE_CLIP,
+        "optimizer": {"type": "AdamW", "params": {"lr": ENGINE_LR, "weight_decay": 0.1}},
+        "tensor_parallel": {"tp_size": tp},
+        "zero_optimization": {
+            "stage": stage,
+            # Small units, so stage 3 gathers and releases several per step of the tiny model.
+            "stage3_param_persistence_threshold": 100,
+            "stage3_prefetch_bucket_size": 5000,
+        },
+    }
+
+
+def _drop_key_bias_grad_hooks(model: nn.Module) -> None:
+    """`drop_key_bias_grad` as gradient hooks: under the engine the gradients leave for ZeRO's
+    buffers during backward at stage 3 (post-accumulate hooks), so they are zeroed on their
+    way in: a tensor hook on a parameter runs before its gradient is accumulated."""
+
+    def hook(g: torch.Tensor) -> torch.Tensor:
+        g = g.clone()
+        g[g.numel() // 3 : 2 * g.numel() // 3] = 0.0
+        return g
+
+    for name, m in model.named_modules():
+        if name.endswith("attn.c_attn") and m.bias is not None:
+            m.bias.register_hook(hook)
+
+
+def engine_train(stage: int, tp: int) -> dict[str, Any]:
+    """5 steps of the engine on the tiny GPT-2 at dp1 x tp (tp = 1: one process, no group).
+    The losses, clipping norms and the consolidated state (sliced tensors at full shapes)."""
+    engine, *_ = zray.initialize(model=build("gpt2"), config=engine_config(stage, tp))
+    _drop_key_bias_grad_hooks(engine.module)
+    losses, norms = [], []
+    for step in range(STEPS):
+        loss = engine(**batch(step)).loss  # the engine returns the model's CausalLMOutput
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        assert engine.last_grad_norm is not None
+        norms.append(float(engine.last_grad_norm))
+    specs = tp_slices(engine.module)
+    return {
+        "mesh": (engine.ctx.dp_size, engine.ctx.tp_size),
+        "global_steps": engine.global_steps,
+        "losses": losses,
+        "norms": norms,
+        "state": engine.consolidated_state_dict(),  # collective: every rank calls it
+        "specs": {n: (s.dim, s.parts) for n, s in specs.items()},
+    }
+
+
 def everything(cases: list[tuple[str, str]]) -> dict[Any, Any]:
-    """All sliced runs and the error messages from one set of processes (spawning a rank and
-    importing transformers costs seconds: done once)."""
+    """All sliced runs, the error messages and the engine runs (tp = world, every stage of
+    ENGINE_STAGES) from one set of processes (spawning a rank and importing transformers costs
+    seconds: done once)."""
     out: dict[Any, Any] = {case: sliced(*case) for case in cases}
     out["errors"] = error_messages()
+    out["engine"] = {stage: engine_train(stage, dist.get_world_size()) for stage in ENGINE_STAGES}
     return out
