@@ -24,20 +24,19 @@ from typing import Any, ClassVar
 import torch
 
 from zray._config_fields import AUTO, IGNORED_KEYS, Section, build, coerce, meta, warn_once
+from zray._config_run import ElasticityConfig, RunConfig
 from zray._config_schedulers import SCHEDULER_TYPES
 from zray._config_sections import (
     OPTIMIZER_PARAMS,
     ActivationCheckpointingConfig,
     BF16Config,
     DataTypesConfig,
-    ElasticityConfig,
     FlopsProfilerConfig,
     FP16Config,
     OffloadConfig,
     OffloadOptimizerConfig,
     OffloadParamConfig,
     OptimizerConfig,
-    RunConfig,
     SchedulerConfig,
     TensorParallelConfig,
     ZeroConfig,
