@@ -159,23 +159,24 @@ def torch_engine(args: argparse.Namespace, device: torch.device, kind: str) -> S
     return step
 
 
-def zray_engine(args: argparse.Namespace, device: torch.device, stage: int) -> StepFn:
-    import zray
-
-    model = build_model(args, device)
-    if args.compile:
-        compile_blocks(model)
-    config = {
+def ds_style_config(
+    args: argparse.Namespace, optimizer_params: dict[str, Any], zero: dict[str, Any], tp_key: str
+) -> dict[str, Any]:
+    """The one DeepSpeed-format config both zray and DeepSpeed read (bf16, no accumulation)."""
+    return {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": args.clip,
         "bf16": {"enabled": True},
-        "optimizer": {"type": "AdamW", "params": adamw_kwargs(args)},
-        "zero_optimization": {"stage": stage, **json.loads(args.zray_zero or "{}")},
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "zero_optimization": zero,
         "steps_per_print": 10**9,
-        **tp_config(args, "tp_size"),
+        **tp_config(args, tp_key),
     }
-    engine, *_ = zray.initialize(model=model, config=config)
+
+
+def engine_step(engine: Any) -> StepFn:
+    """A DeepSpeed-shaped engine's step (zray's and DeepSpeed's are called alike)."""
 
     def step(batch: Batch) -> torch.Tensor:
         loss = _loss(engine(**batch))
@@ -184,6 +185,18 @@ def zray_engine(args: argparse.Namespace, device: torch.device, stage: int) -> S
         return loss.detach()
 
     return step
+
+
+def zray_engine(args: argparse.Namespace, device: torch.device, stage: int) -> StepFn:
+    import zray
+
+    model = build_model(args, device)
+    if args.compile:
+        compile_blocks(model)
+    zero = {"stage": stage, **json.loads(args.zray_zero or "{}")}
+    config = ds_style_config(args, adamw_kwargs(args), zero, "tp_size")
+    engine, *_ = zray.initialize(model=model, config=config)
+    return engine_step(engine)
 
 
 def deepspeed_engine(args: argparse.Namespace, device: torch.device, stage: int) -> StepFn:
@@ -193,28 +206,12 @@ def deepspeed_engine(args: argparse.Namespace, device: torch.device, stage: int)
     if args.compile:
         compile_blocks(model)
     params = {**adamw_kwargs(args), "torch_adam": True, "fused": True}
-    config = {
-        "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": args.clip,
-        "bf16": {"enabled": True},
-        "optimizer": {"type": "AdamW", "params": params},
-        "zero_optimization": {"stage": stage},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        **tp_config(args, "autotp_size"),  # DeepSpeed AutoTP (training mode)
-    }
+    # "autotp_size" turns on DeepSpeed AutoTP (training mode) when --tp > 1.
+    config = ds_style_config(args, params, {"stage": stage}, "autotp_size")
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=config
     )
-
-    def step(batch: Batch) -> torch.Tensor:
-        loss = _loss(engine(**batch))
-        engine.backward(loss)
-        engine.step()
-        return loss.detach()
-
-    return step
+    return engine_step(engine)
 
 
 def make_engine(args: argparse.Namespace, device: torch.device) -> StepFn:
