@@ -257,6 +257,70 @@ def profile_steps(step: StepFn, data: list[Batch], rank: int) -> None:
     print(events.table(sort_by="self_device_time_total", row_limit=18), flush=True)
 
 
+def _frame_key(frames: list[dict[str, Any]]) -> str:
+    """The innermost frame in the engines' or the model's own code (not torch's internals)."""
+    own = ("zray/", "benchmarks/", "fsdp/", "deepspeed/", "torch/autograd/", "torch/nn/")
+    for f in frames:
+        if any(k in f["filename"] for k in own):
+            tail = "/".join(f["filename"].split("/")[-2:])
+            return f"{tail}:{f['line']} {f['name']}"
+    return "(no python frame)"
+
+
+def memory_at_peak(step: StepFn, batch: Batch, rank: int, device: torch.device) -> None:
+    """One more step under the allocator's history: rank 0 prints what is live at its peak.
+
+    Memory allocated before the step (weights, optimizer states) is one line; the step's own
+    allocations live at the peak are grouped by the innermost frame of engine or model code.
+    """
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
+    step(batch)
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    if rank != 0:
+        return
+    live: dict[int, dict[str, Any]] = {}
+    freed_base = 0  # blocks from before the step, freed during it (not in the trace's allocs)
+    cur = peak = base
+    at_peak: dict[int, dict[str, Any]] = {}
+    for e in snap["device_traces"][device.index]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            cur += e["size"]
+        elif e["action"] == "free_completed":
+            if live.pop(e["addr"], None) is None:
+                freed_base += e["size"]
+            cur -= e["size"]
+        else:
+            continue
+        if cur > peak:
+            peak, at_peak = cur, dict(live)
+    groups: dict[str, int] = {}
+    for e in at_peak.values():
+        key = _frame_key(e.get("frames", []))
+        groups[key] = groups.get(key, 0) + e["size"]
+    gb = 2**30
+    print(
+        f"memory at the step's peak: {peak / gb:.2f} GB; before the step {base / gb:.2f} GB "
+        f"({freed_base / gb:.2f} GB of it freed during the step)",
+        flush=True,
+    )
+    for key, size in sorted(groups.items(), key=lambda kv: -kv[1])[:16]:
+        print(f"  {size / gb:6.3f} GB  {key}", flush=True)
+
+
+def set_attention_backend(name: str) -> None:
+    """--sdpa: make one torch SDPA backend the only fused one (math stays as the fallback)."""
+    if name == "default":
+        return
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -266,6 +330,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        set_attention_backend(args.sdpa)
     if world > 1 or args.engine in ("ddp", "fsdp2") or args.engine.startswith("ds"):
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     if args.engine == "plain" and world != 1:
@@ -295,6 +360,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     step_s = (time.perf_counter() - t0) / args.steps
     if args.profile and cuda:
         profile_steps(step, data[: args.warmup], rank)
+    if args.memory_peak and cuda:
+        memory_at_peak(step, data[0], rank, device)
     loss_t = torch.stack([x.float().reshape(()) for x in losses])
     if dist.is_initialized():
         dist.all_reduce(loss_t)
@@ -312,6 +379,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "tp": args.tp,
         "model": args.hf or "gpt",
         "compile": bool(args.compile),
+        "sdpa": args.sdpa,
         "params": n_params,
         "flops_per_token": flops_per_token,
         "tokens_per_step_per_gpu": tokens,
@@ -429,6 +497,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # zray.launch
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels")
+    p.add_argument("--memory-peak", action="store_true", help="print what is live at the peak")
+    p.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"])
     p.add_argument("--compile", action="store_true", help="torch.compile each block (all engines)")
     p.add_argument("--zray-zero", default="", help="extra zero_optimization keys for zray, JSON")
     # bf16 rounding differs between the engines' precision schemes (autocast over fp32 weights
