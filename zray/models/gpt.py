@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zray.models.loss import cross_entropy
+
 IGNORE_INDEX = -100
 
 
@@ -239,11 +241,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # [B, T, V]; costs 2*B*T*D*V FLOPs
         if labels is None:
             return logits
-        # fp32 for the softmax even under bf16/fp16 autocast: the log-sum-exp over V terms
-        # loses the loss's low bits in half precision. Costs a [B, T, V] fp32 copy.
-        return F.cross_entropy(
-            logits.float().reshape(B * T, -1), labels.reshape(B * T), ignore_index=IGNORE_INDEX
-        )
+        # fp32 for the softmax even under bf16/fp16 autocast (the log-sum-exp over V terms loses
+        # the loss's low bits in half precision), one slab of rows at a time, with the
+        # gradient formed during forward: no [B, T, V] fp32 tensor is kept (see models/loss.py).
+        return cross_entropy(logits.reshape(B * T, -1), labels.reshape(B * T), IGNORE_INDEX)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of unique parameters (a tied weight counts once), from the tensors' numel:
