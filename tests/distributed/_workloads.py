@@ -419,3 +419,20 @@ def capture_after_training(stage: int) -> dict[str, Any]:
         "shard": capture(engine, sampler={"consumed_samples": 48, "seed": 0}),
         "state": engine.consolidated_state_dict(),
     }
+
+
+def stage3_gather_modes() -> dict[str, Any]:
+    """bf16 stage 3 with stage3_gather "auto" (keeps NCCL/gloo here: no CUDA) vs the default,
+    and "peer_copy", which must fail alike on every rank with the reason."""
+    zray.init_distributed()
+    out: dict[str, Any] = {}
+    for mode in ("nccl", "auto"):
+        zero = {**ds_config(3, 2)["zero_optimization"], "stage3_gather": mode}
+        out[mode] = train(3, bf16={"enabled": True}, zero_optimization=zero)["losses"]
+    zero = {**ds_config(3, 2)["zero_optimization"], "stage3_gather": "peer_copy"}
+    try:
+        zray.initialize(model=fresh_model(), config=ds_config(3, 2, zero_optimization=zero))
+        out["peer_copy"] = "no error"
+    except zray.ConfigError as e:
+        out["peer_copy"] = str(e)
+    return out

@@ -101,3 +101,14 @@ def test_offload_equals_no_offload() -> None:
         for k, v in pair["plain"].items():
             err = float((pair["offload"][k] - v).norm() / v.norm())
             assert err <= 1e-6, (stage, k, err)
+
+
+def test_stage3_gather_modes_off_cuda() -> None:
+    """ "auto" keeps the usual gather where peer copies cannot run (no CUDA): same losses as the
+    default; an explicit "peer_copy" fails on every rank with the reason (GPU runs of the peer
+    path: benchmarks/RESULTS.md)."""
+    results = launch_local(w.stage3_gather_modes, 2)
+    for r in results:
+        assert r["auto"] == r["nccl"]
+        assert "zero_optimization.stage3_gather" in r["peer_copy"]
+        assert "needs CUDA" in r["peer_copy"]

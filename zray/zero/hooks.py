@@ -169,7 +169,10 @@ class Stage3Hooks:
         self.units = [u for u in units if u.kind is UnitKind.ON_DEMAND]
         self.prefetch_numel = prefetch_numel
         self.phase = Phase.IDLE
-        self.order: list[FlatUnit] = []
+        self.order: list[FlatUnit] = []  # forward order: pre-forward hooks, first step
+        # Units in the order their forward finished; backward reaches them in reverse (the
+        # outermost unit, the root, finishes last and its backward starts first).
+        self.finished: list[FlatUnit] = []
         self._recording = True
         self._handles = []
         for unit in self.units:
@@ -195,7 +198,13 @@ class Stage3Hooks:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if self.phase is Phase.BACKWARD:
                 return output
-            unit.release()
+            if self._recording and unit not in self.finished:
+                self.finished.append(unit)
+            # The unit whose backward comes first stays gathered: releasing it here would only
+            # gather it again, exposed, at the start of backward (FSDP2 keeps its root alike).
+            keep = not self._recording and torch.is_grad_enabled() and unit is self.finished[-1]
+            if not keep:
+                unit.release()
             if not torch.is_grad_enabled():
                 return output
             return _thread_outputs(output, self, unit)
@@ -203,13 +212,15 @@ class Stage3Hooks:
         return hook
 
     def _prefetch(self, unit: FlatUnit, step: int) -> None:
-        """Start gathers of the units after `unit` in order (`step` -1: backward order)."""
-        if unit not in self.order:
+        """Start gathers of the units after `unit`: in forward order (`step` +1), or in backward
+        order (`step` -1: the reverse of the order in which forward finished them)."""
+        order = self.order if step > 0 else self.finished
+        if unit not in order:
             return
-        i = self.order.index(unit) + step
+        i = order.index(unit) + step
         budget = self.prefetch_numel
-        while 0 <= i < len(self.order) and budget > 0:
-            nxt = self.order[i]
+        while 0 <= i < len(order) and budget > 0:
+            nxt = order[i]
             nxt.gather()
             budget -= nxt.layout.padded_numel
             i += step

@@ -9,6 +9,7 @@ moves the bytes. Stage differences are read off `StagePlan` and `UnitKind`, not 
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -17,13 +18,17 @@ import torch
 from torch import nn
 
 from zray import ops
+from zray.errors import ConfigError
 from zray.optim import ParamGroups, build_cpu_optimizer, build_optimizer, group_overrides
 from zray.parallel.context import ParallelContext
 from zray.zero import comm
 from zray.zero.grouping import UnitSpec, bucket_units, module_units
 from zray.zero.hooks import BoundaryReduceHooks, GradHooks, Stage3Hooks
 from zray.zero.partition import Segment, StagePlan, build_layout
+from zray.zero.peer_gather import PeerGather, PeerGatherUnavailable
 from zray.zero.unit import FlatUnit, UnitKind, UnitSettings
+
+log = logging.getLogger("zray")
 
 
 class ZeroOptimizer:
@@ -75,6 +80,8 @@ class ZeroOptimizer:
             self.stage3 = Stage3Hooks(self.units, int(zero_cfg.stage3_prefetch_bucket_size))
             assert self.grad_hooks is not None
             self.grad_hooks.on_unit_done.append(self.stage3.on_grads_reduced)
+            if zero_cfg.stage3_gather != "nccl":
+                self._attach_peer_gather(zero_cfg.stage3_gather)
         # Offload at stages 2-3: on the last micro-step of a cycle each unit's gradient shard
         # starts for host memory as soon as its bucket is reduced, on a side stream, while the
         # rest of backward runs; `_gradients_to_host` only waits for what is still in flight.
@@ -100,6 +107,34 @@ class ZeroOptimizer:
         else:
             self.optimizer = build_optimizer(optimizer_spec, seg_groups, client_optimizer)
         self._master_grads: dict[FlatUnit, torch.Tensor] = {}
+
+    def _attach_peer_gather(self, mode: str) -> None:
+        """Stage 3 on one host: gather parameters by peer copies (zero/peer_gather.py).
+
+        "auto" keeps NCCL where that is not possible; "peer_copy" makes it an error.
+        """
+        units = [u for u in self.units if u.kind is UnitKind.ON_DEMAND and u.shard_on_device()]
+        if not units or not self.ctx.is_distributed:
+            return
+        assert self.ctx.dp_group is not None
+        largest = max(u.shard_hi - u.shard_lo for u in units)
+        try:
+            gather = PeerGather.create(
+                self.ctx.dp_group,
+                self.ctx.device,
+                self.settings.compute_dtype,
+                largest,
+                self.ctx.comm_stats,
+            )
+        except PeerGatherUnavailable as e:
+            if mode == "peer_copy":
+                raise ConfigError(
+                    "zero_optimization.stage3_gather", mode, "nccl or auto on this machine", str(e)
+                ) from e
+            log.info("zray: stage 3 gathers with NCCL (peer copies unavailable: %s)", e)
+            return
+        for u in units:
+            u.peer_gather = gather
 
     def _make_unit(self, spec: UnitSpec, group_of: dict[int, int]) -> FlatUnit:
         named = [(n, p.shape, group_of.get(id(p), -1)) for n, p in spec.params]

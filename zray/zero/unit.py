@@ -35,6 +35,7 @@ from torch import nn
 from zray.parallel.context import ParallelContext
 from zray.zero import comm
 from zray.zero.partition import ParamSlot, UnitLayout
+from zray.zero.peer_gather import EventPending, PeerGather
 
 
 class UnitKind(enum.Enum):
@@ -136,7 +137,9 @@ class FlatUnit:
         self._bucket: torch.Tensor | None = None
         self._ready = 0  # trainable gradients received this micro-step (stages 2-3)
         self._reduce: tuple[comm.Pending, torch.Tensor] | None = None
-        self._gather: comm.Pending | None = None
+        self._gather: comm.Pending | EventPending | None = None
+        # Stage 3 on one host may gather by peer copies instead of NCCL (set by ZeroOptimizer).
+        self.peer_gather: PeerGather | None = None
         self.state = ShardState.GATHERED
         if kind is UnitKind.ON_DEMAND:
             self.release()
@@ -153,6 +156,12 @@ class FlatUnit:
         # which would fail autograd's saved-tensor check in backward; the values are the same
         # parameters as in forward, so the bump is suppressed.
         with torch.autograd._unsafe_preserve_version_counter(self.full):
+            if self.peer_gather is not None:
+                # Peer copies over NVLink; a cast happens on the way (see peer_gather.py).
+                src = self.master if self.shard is None else self.shard
+                self._gather = self.peer_gather.all_gather(self.full, src)
+                self.state = ShardState.GATHERING
+                return
             if self.shard is None:
                 # Cast the fp32 master into this rank's slice and gather in place.
                 src = self.full[self.shard_lo : self.shard_hi]
@@ -166,6 +175,10 @@ class FlatUnit:
                 self.full, src, self.ctx.dp_group, self.ctx.comm_stats
             )
         self.state = ShardState.GATHERING
+
+    def shard_on_device(self) -> bool:
+        """Whether a gather reads this rank's part from device memory (not offload_param)."""
+        return self.shard is None or self.shard.device == self.full.device
 
     def wait_gathered(self) -> None:
         if self.state is ShardState.SHARDED:
