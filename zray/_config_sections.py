@@ -276,8 +276,8 @@ class ZeroConfig(Section):
     stage3_param_persistence_threshold: int = field(default=100_000, metadata=meta(ge=0))
     # zray's own key: how stage 3 gathers parameters. "peer_copy" moves them with the copy
     # engines over NVLink (one host only), leaving the SMs to compute (zero/peer_gather.py);
-    # "auto" uses it where the whole data-parallel group is on one host.
-    stage3_gather: str = field(default="nccl", metadata=meta(choices=("nccl", "peer_copy", "auto")))
+    # "auto" (the default) uses it where the whole data-parallel group is on one host.
+    stage3_gather: str = field(default="auto", metadata=meta(choices=("nccl", "peer_copy", "auto")))
     stage3_max_live_parameters: int = field(default=1_000_000_000, metadata=meta(ge=0))
     stage3_max_reuse_distance: int = field(default=1_000_000_000, metadata=meta(ge=0))
     stage3_gather_16bit_weights_on_model_save: bool = field(

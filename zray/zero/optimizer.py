@@ -72,6 +72,7 @@ class ZeroOptimizer:
         self.grad_hooks: GradHooks | None = None
         self.boundary_hooks: BoundaryReduceHooks | None = None
         self.stage3: Stage3Hooks | None = None
+        self.peer_gather: PeerGather | None = None
         if plan.reduce_in_backward:
             self.grad_hooks = GradHooks(self.units)
         elif ctx.is_distributed:
@@ -133,6 +134,7 @@ class ZeroOptimizer:
                 ) from e
             log.info("zray: stage 3 gathers with NCCL (peer copies unavailable: %s)", e)
             return
+        self.peer_gather = gather
         for u in units:
             u.peer_gather = gather
 
@@ -342,8 +344,12 @@ class ZeroOptimizer:
     # ---- introspection ------------------------------------------------------------------------
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds for parameters, gradients and optimizer states right now."""
-        total = {"params": 0, "grads": 0, "optimizer": 0}
+        """Bytes this rank holds for parameters, gradients and optimizer states right now, and
+        ("comm") the peer-copy gather's staging slots, which live outside torch's caching
+        allocator (torch.cuda.memory_allocated does not count them)."""
+        total = {"params": 0, "grads": 0, "optimizer": 0, "comm": 0}
+        if self.peer_gather is not None:
+            total["comm"] = self.peer_gather.buf.untyped_storage().nbytes()
         for unit in self.units:
             b = unit.held_bytes()
             total["params"] += b["params"]

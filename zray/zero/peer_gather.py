@@ -31,6 +31,10 @@ import torch.distributed as dist
 from zray.zero.comm import CommStats
 
 PIECE = 16 * 2**20  # elements per piece: 32 MiB of bf16 per slot
+# A peer that never reaches the barrier (dead, or diverged) traps the kernel after this long, so
+# the worker fails as on a NCCL timeout and the controller can restart it, instead of spinning
+# forever (zray's default collective timeout).
+BARRIER_TIMEOUT_MS = 300_000
 
 
 class PeerGatherUnavailable(RuntimeError):
@@ -128,7 +132,7 @@ class PeerGather:
                 off = self._next * self.piece
                 self._next = (self._next + 1) % self.slots
                 self.buf[off : off + n].copy_(master[lo : lo + n])  # the cast: an SM kernel
-                self.handle.barrier(channel=0)
+                self.handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
                 for r in range(self.world):
                     src = self.handle.get_buffer(r, (n,), self.buf.dtype, off)
                     full[r * shard + lo : r * shard + lo + n].copy_(src)  # DMA over NVLink
