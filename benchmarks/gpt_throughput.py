@@ -274,10 +274,10 @@ def _frame_key(frames: list[dict[str, Any]]) -> str:
 def memory_at_peak(step: StepFn, data: list[Batch], rank: int, device: torch.device) -> None:
     """More steps under the allocator's history: rank 0 prints what is live at their peak.
 
-    The trace is replayed allocation by allocation; memory allocated before the window
-    (weights, optimizer states) is one line, the window's own allocations live at the peak are
-    grouped by the innermost frame of engine or model code. The allocator's own maximum over
-    the window is printed beside the replayed one (they agree when the replay is right).
+    Memory allocated before the window (weights, optimizer states) is one line; the window's
+    own allocations live at the peak are grouped by the innermost frame of engine or model
+    code. The allocator's own maximum over the window is printed beside the replayed one (they
+    agree when the replay is right).
     """
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
@@ -286,6 +286,11 @@ def memory_at_peak(step: StepFn, data: list[Batch], rank: int, device: torch.dev
     for batch in data:
         step(batch)
     torch.cuda.synchronize()
+    report_peak(rank, device, base, f"{len(data)} more steps")
+
+
+def report_peak(rank: int, device: torch.device, base: int, what: str) -> None:
+    """Stop recording; rank 0 replays the trace and prints what is live at its peak."""
     window_max = torch.cuda.max_memory_allocated(device)
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
@@ -293,7 +298,7 @@ def memory_at_peak(step: StepFn, data: list[Batch], rank: int, device: torch.dev
         return
     live: dict[int, dict[str, Any]] = {}
     cur = peak = base
-    old = old_at_peak = base  # bytes from before the window still allocated
+    old = old_at_peak = base  # bytes from before the recording still allocated
     at_peak: dict[int, dict[str, Any]] = {}
     events = snap["device_traces"][device.index]
     where = 0
@@ -315,12 +320,12 @@ def memory_at_peak(step: StepFn, data: list[Batch], rank: int, device: torch.dev
         groups[key] = groups.get(key, 0) + e["size"]
     gb = 2**30
     print(
-        f"memory over {len(data)} steps: allocator max {window_max / gb:.2f} GB, replayed peak "
+        f"memory over {what}: allocator max {window_max / gb:.2f} GB, replayed peak "
         f"{peak / gb:.2f} GB at event {where} of {len(events)}; of it {old_at_peak / gb:.2f} GB "
-        f"allocated before the window ({base / gb:.2f} GB at its start)",
+        f"allocated before the recording ({base / gb:.2f} GB at its start)",
         flush=True,
     )
-    for key, size in sorted(groups.items(), key=lambda kv: -kv[1])[:14]:
+    for key, size in sorted(groups.items(), key=lambda kv: -kv[1])[:18]:
         print(f"  {size / gb:6.3f} GB  {key}", flush=True)
 
 
@@ -352,6 +357,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     flops_per_token, n_params = flops_and_params(args)
     # Ranks are tp-contiguous in both engines: a tensor group shares one data rank's batch.
     data = batches(args, rank // args.tp, world // args.tp, device)
+    if args.memory_trace and cuda:  # the whole run under the allocator's history (slow)
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=4_000_000)
     t_init = time.perf_counter()
     step = make_engine(args, device)
     init_s = time.perf_counter() - t_init
@@ -372,6 +379,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     step_s = (time.perf_counter() - t0) / args.steps
     peak_bytes = torch.cuda.max_memory_allocated(device) if cuda else 0
     peak_bytes += getattr(step, "unmanaged_bytes", 0)
+    if args.memory_trace and cuda:
+        report_peak(rank, device, 0, "the whole run (timing slowed by the recording)")
     if args.profile and cuda:
         profile_steps(step, data[: args.warmup], rank)
     if args.memory_peak and cuda:
@@ -511,6 +520,7 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # zray.launch
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels")
     p.add_argument("--memory-peak", action="store_true", help="print what is live at the peak")
+    p.add_argument("--memory-trace", action="store_true", help="--memory-peak over the whole run")
     p.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"])
     p.add_argument("--compile", action="store_true", help="torch.compile each block (all engines)")
     p.add_argument("--zray-zero", default="", help="extra zero_optimization keys for zray, JSON")
