@@ -26,6 +26,7 @@ token are 6N + 12 L D T (PaLM's count, N without the position table), MFU agains
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -370,6 +371,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    if args.gc == "off":
+        gc.disable()
+    if args.gc == "collect":  # diagnosis: are tensors held by reference cycles until a GC?
+        inner = step
+
+        def step(batch: Batch) -> torch.Tensor:
+            out = inner(batch)
+            gc.collect()
+            return out
+
     losses = [step(data[i]) for i in range(args.warmup)]
     sync()
     t0 = time.perf_counter()
@@ -520,6 +531,7 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # zray.launch
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels")
     p.add_argument("--memory-peak", action="store_true", help="print what is live at the peak")
+    p.add_argument("--gc", default="default", choices=["default", "collect", "off"])
     p.add_argument("--memory-trace", action="store_true", help="--memory-peak over the whole run")
     p.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"])
     p.add_argument("--compile", action="store_true", help="torch.compile each block (all engines)")

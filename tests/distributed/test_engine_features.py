@@ -112,3 +112,11 @@ def test_stage3_gather_modes_off_cuda() -> None:
         assert r["auto"] == r["nccl"]
         assert "zero_optimization.stage3_gather" in r["peer_copy"]
         assert "needs CUDA" in r["peer_copy"]
+
+
+def test_training_leaves_no_reference_cycles() -> None:
+    """No training step leaves garbage for the cyclic GC: a cycle through an activation held
+    each stage-3 block's autograd graph until a GC ran (+0.6 GB at the H200 peak, 18 GB with the
+    GC off) before _thread_outputs stopped using self-recursive closures."""
+    for r in launch_local(w.garbage_after_training, 2):
+        assert r == dict.fromkeys(r, 0), r

@@ -260,37 +260,43 @@ class Stage3Hooks:
 
 
 def _thread_outputs(output: Any, hooks: Stage3Hooks, unit: FlatUnit) -> Any:
-    """Route every floating tensor of `output` (nested tuples/lists/dicts) through _PreBackward."""
+    """Route every floating tensor of `output` (nested tuples/lists/dicts) through _PreBackward.
+
+    The walkers are module-level functions, not closures: a nested function that calls itself
+    forms a reference cycle (function -> cell -> function) that would keep the rebuilt outputs,
+    and through their grad_fn the block's whole autograd graph, alive until Python's cyclic GC
+    happened to run (measured: +0.6 GB at the peak, 18 GB with the GC off).
+    """
     flat: list[torch.Tensor] = []
-
-    def collect(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            if x.requires_grad:
-                flat.append(x)
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                collect(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                collect(y)
-
-    collect(output)
+    _collect(output, flat)
     if not flat:
         return output
     new = dict(zip(map(id, flat), _PreBackward.apply(hooks, unit, *flat), strict=True))
+    return _rebuild(output, new)
 
-    def rebuild(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return new.get(id(x), x)
-        if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
-            return type(x)(*(rebuild(y) for y in x))
-        if isinstance(x, (list, tuple)):
-            return type(x)(rebuild(y) for y in x)
-        if isinstance(x, dict):
-            out = type(x)() if type(x) is not dict else {}
-            for k, v in x.items():
-                out[k] = rebuild(v)
-            return out
-        return x
 
-    return rebuild(output)
+def _collect(x: Any, flat: list[torch.Tensor]) -> None:
+    if isinstance(x, torch.Tensor):
+        if x.requires_grad:
+            flat.append(x)
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            _collect(y, flat)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _collect(y, flat)
+
+
+def _rebuild(x: Any, new: dict[int, torch.Tensor]) -> Any:
+    if isinstance(x, torch.Tensor):
+        return new.get(id(x), x)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+        return type(x)(*(_rebuild(y, new) for y in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_rebuild(y, new) for y in x)
+    if isinstance(x, dict):
+        out = type(x)() if type(x) is not dict else {}
+        for k, v in x.items():
+            out[k] = _rebuild(v, new)
+        return out
+    return x
