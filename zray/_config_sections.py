@@ -277,6 +277,11 @@ class ZeroConfig(Section):
     # zray's own key: how stage 3 gathers parameters. "peer_copy" moves them with the copy
     # engines over NVLink (one host only), leaving the SMs to compute (zero/peer_gather.py);
     # "auto" (the default) uses it where the whole data-parallel group is on one host.
+    # zray's own key, stages 1-3: return from the step with the parameter all-gather in flight;
+    # each module waits for its own parameters in the next forward. Direct reads of parameters
+    # between engine.step() and the next forward (an EMA of the weights, say) must call
+    # engine.wait_for_params() first; the engine's own methods do.
+    overlap_param_gather: bool = False
     stage3_gather: str = field(default="auto", metadata=meta(choices=("nccl", "peer_copy", "auto")))
     stage3_max_live_parameters: int = field(default=1_000_000_000, metadata=meta(ge=0))
     stage3_max_reuse_distance: int = field(default=1_000_000_000, metadata=meta(ge=0))

@@ -178,6 +178,11 @@ class Engine(nn.Module):
     def zero_grad(self) -> None:
         self.zero.zero_grad()
 
+    def wait_for_params(self) -> None:
+        """With overlap_param_gather, make the parameters whole before reading them directly
+        between `step()` and the next forward (the forward and the engine's methods wait)."""
+        self.zero.wait_published()
+
     def train_batch(
         self,
         data_iter: Iterator[Any],
@@ -270,6 +275,7 @@ class Engine(nn.Module):
 
     def _boundary_step(self) -> None:
         zero = self.zero
+        zero.wait_published()  # overlap_param_gather: gathers of parameters forward never used
         with self.timer.phase(Phase.COMMUNICATION):
             zero.reduce_gradients()  # 1
         if self._mesh_norm is None:  # 2
@@ -303,7 +309,7 @@ class Engine(nn.Module):
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
         with self.timer.phase(Phase.COMMUNICATION):
-            zero.publish_params()  # 6
+            zero.publish_params(defer=zero.overlap_param_gather)  # 6
         zero.zero_grad()  # 7
         if self.global_steps % self.config.steps_per_print == 0:
             if self.timer.enabled:
@@ -327,6 +333,7 @@ class Engine(nn.Module):
         tensor slicing the sliced entries are gathered to their full shapes, so the dict loads
         into the unsliced model.
         """
+        self.zero.wait_published()
         full_of: dict[int, torch.Tensor] = {}
         for unit in self.zero.units:
             whole = unit.master

@@ -476,3 +476,32 @@ def garbage_after_training() -> dict[str, int]:
             gc.garbage.clear()
             gc.enable()
     return out
+
+
+def overlap_param_gather_stages() -> dict[int, dict[str, Any]]:
+    """Stages 1-3 with zero_optimization.overlap_param_gather on and off (fp32, gloo)."""
+    zray.init_distributed()
+    out: dict[int, dict[str, Any]] = {}
+    for stage in (1, 2, 3):
+        runs = {}
+        for overlap in (False, True):
+            zero = {**ds_config(stage, 2)["zero_optimization"], "overlap_param_gather": overlap}
+            runs[overlap] = train(stage, zero_optimization=zero)
+        out[stage] = {"off": runs[False], "on": runs[True], "deferred": _deferral_seen(stage)}
+    return out
+
+
+def _deferral_seen(stage: int) -> tuple[bool, bool]:
+    """(a gather was still deferred after step(), none is after the next forward)."""
+    ctx = zray.init_distributed()
+    zero = {**ds_config(stage, 2)["zero_optimization"], "overlap_param_gather": True}
+    cfg = ds_config(stage, ctx.dp_size, zero_optimization=zero)
+    engine, *_ = zray.initialize(model=fresh_model(), config=cfg)
+    tokens = data()
+    for micro in range(GAS):
+        batch = micro_batch(tokens, 0, micro, ctx.dp_rank, ctx.dp_size, ctx.device)
+        engine.backward(engine(**batch))
+        engine.step()
+    after_step = any(u.publishing is not None for u in engine.zero.units)
+    engine(**batch)
+    return after_step, all(u.publishing is None for u in engine.zero.units)

@@ -55,6 +55,7 @@ def capture(
     client_state: dict[str, Any] | None = None,
 ) -> RankShard:
     """This rank's RankShard (tensors copied to CPU: the result is a snapshot)."""
+    engine.wait_for_params()
     ctx, opt = engine.ctx, engine.zero.optimizer
     segments = _segments(engine)
     specs = tp_slices(engine.module)

@@ -41,6 +41,8 @@ class GatheredParameters:
     def __enter__(self) -> None:
         if not self.enabled:
             return
+        for unit in self._units:
+            unit.wait_published()  # overlap_param_gather: a step's all-gather may be in flight
         self._was_sharded = [u for u in self._units if u.state is not ShardState.GATHERED]
         for unit in self._was_sharded:
             unit.gather()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -73,6 +73,11 @@ class ZeroOptimizer:
         self.boundary_hooks: BoundaryReduceHooks | None = None
         self.stage3: Stage3Hooks | None = None
         self.peer_gather: PeerGather | None = None
+        # overlap_param_gather: deferred parameter all-gathers, waited per unit before use.
+        self._publish_hooks: list[Any] = []
+        self.overlap_param_gather = bool(getattr(zero_cfg, "overlap_param_gather", False))
+        if self.overlap_param_gather and plan.partition_optimizer:
+            self._install_publish_waits(model)
         if plan.reduce_in_backward:
             self.grad_hooks = GradHooks(self.units)
         elif ctx.is_distributed:
@@ -308,12 +313,40 @@ class ZeroOptimizer:
         lowp = None if any(o is None for o in outs) else outs
         self.optimizer.step_fused(grads, grad_scale=scale, out_lowp=lowp)
 
-    def publish_params(self) -> None:
-        """Copy updated master weights into the compute parameters and all-gather them."""
-        pending = [u.publish() for u in self.units]
-        for p in pending:
-            if p is not None:
-                p.wait()
+    def publish_params(self, defer: bool = False) -> None:
+        """Copy updated master weights into the compute parameters and all-gather them.
+
+        `defer` (zero_optimization.overlap_param_gather): return with the all-gathers in flight;
+        each module's forward pre-hook waits for the units of its own parameters, so the next
+        forward's first blocks run while later buckets still arrive. Launched in reverse unit
+        order, which for buckets (built from the last parameter back) is registration order,
+        the order forward usually meets them; NCCL runs them one after another in that order.
+        """
+        self.wait_published()
+        for u in reversed(self.units):
+            u.publishing = u.publish()
+        if not defer:
+            self.wait_published()
+
+    def wait_published(self, units: Iterable[FlatUnit] | None = None) -> None:
+        """Order the current stream after the deferred all-gathers of `units` (default: all)."""
+        for u in self.units if units is None else units:
+            u.wait_published()
+
+    def _install_publish_waits(self, model: nn.Module) -> None:
+        """overlap_param_gather: a forward pre-hook per module with parameters of its own."""
+        for module in model.modules():
+            units = {
+                u
+                for p in module.parameters(recurse=False)
+                if (u := getattr(p, "_zray_unit", None)) is not None
+                and u.kind is UnitKind.KEEP_FULL
+            }
+            if units:
+                frozen = tuple(units)
+                self._publish_hooks.append(
+                    module.register_forward_pre_hook(lambda *_, us=frozen: self.wait_published(us))
+                )
 
     def zero_grad(self) -> None:
         for unit in self.units:

@@ -138,6 +138,8 @@ class FlatUnit:
         self._ready = 0  # trainable gradients received this micro-step (stages 2-3)
         self._reduce: tuple[comm.Pending, torch.Tensor] | None = None
         self._gather: comm.Pending | EventPending | None = None
+        # The parameter all-gather after a step, when the engine defers it (KEEP_FULL units).
+        self.publishing: comm.Pending | None = None
         # Stage 3 on one host may gather by peer copies instead of NCCL (set by ZeroOptimizer).
         self.peer_gather: PeerGather | None = None
         self.state = ShardState.GATHERED
@@ -215,6 +217,11 @@ class FlatUnit:
         if self.kind is UnitKind.REPLICATED:
             return None
         return comm.all_gather_flat(self.full, local, self.ctx.dp_group, self.ctx.comm_stats)
+
+    def wait_published(self) -> None:
+        if self.publishing is not None:
+            self.publishing.wait()
+            self.publishing = None
 
     # ---- gradients, stages 0-1 --------------------------------------------------------------
 
