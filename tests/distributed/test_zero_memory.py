@@ -50,6 +50,7 @@ def expected(stage: int, world: int, rank: int, n_opt_tensors: int) -> dict[str,
             "params": 2 * p,
             "grads": 2 * p if stage < 2 else 2 * shard,  # (stage 2: just before the step)
             "optimizer": 4 * shard + 8 * mine + step_counters,
+            "comm": 0,  # peer-copy staging: CUDA only
         }
     # Stage 3: one unit per block, one for the root's large parameters, one persistent unit.
     blocks = [sum(q.numel() for q in b.parameters() if q.numel() > 100) for b in model.blocks]
@@ -64,6 +65,7 @@ def expected(stage: int, world: int, rank: int, n_opt_tensors: int) -> dict[str,
         "grads": sum(2 * p // world for _, p in units),  # just before the step
         "optimizer": sum(4 * p // world + 8 * owned(n, p, world, rank) for n, p in units)
         + step_counters,
+        "comm": 0,  # peer-copy staging: CUDA only
     }
 
 
