@@ -866,3 +866,14 @@ def test_fit_refuses_tensor_parallel() -> None:
 
     with pytest.raises(ConfigError, match=r"tensor_parallel with zray\.fit: not supported yet"):
         zray.fit(model=lambda: None, data="unused", config={"tensor_parallel": {"tp_size": 2}})
+
+
+def test_zray_zero_keys() -> None:
+    """zray's own zero_optimization keys: defaults, and a bad value names the choices."""
+    zero = Config.from_dict({"train_batch_size": 8}).zero_optimization
+    assert zero.stage3_gather == "auto" and zero.overlap_param_gather is False
+    cfg = {"train_batch_size": 8, "zero_optimization": {"stage": 3, "stage3_gather": "peer"}}
+    with pytest.raises(
+        ConfigError, match=r"zero_optimization.stage3_gather.*nccl, peer_copy, auto"
+    ):
+        Config.from_dict(cfg)
