@@ -35,14 +35,34 @@ def main(parquet: str) -> None:
     events: dict[str, int] = {}
     states: list[str] = []
 
+    grows = {"tries": 0, "armed": False}  # armed: the group was below 3 since the last try
+
     def drive(st: RunStatus) -> None:
         states.append(st.state.value)
         if "added" not in events and st.step >= 6:
             nodes.append(cluster.add_node(num_cpus=1))
             events["added"] = st.step
+            grows.update(tries=1, armed=True)
         if "killed" not in events and st.state is RunState.RESIZING and st.worker_pids:
             os.kill(st.worker_pids[-1], signal.SIGKILL)
             events["killed"] = st.step
+        # The pause for a grow can begin and end between two polls (a step of this tiny model
+        # takes milliseconds): then the grown group loses the added node again (a failure, which
+        # it recovers from) and the node comes back for another grow, up to 4 tries.
+        if 0 < len(st.worker_nodes) < 3:
+            grows["armed"] = True
+        regrow = (
+            "added" in events
+            and "killed" not in events
+            and grows["armed"]
+            and st.state is RunState.RUNNING
+            and len(st.worker_nodes) == 3
+            and grows["tries"] < 4
+        )
+        if regrow:
+            cluster.remove_node(nodes.pop())
+            nodes.append(cluster.add_node(num_cpus=1))
+            grows.update(tries=grows["tries"] + 1, armed=False)
         running = st.state is RunState.RUNNING and st.phase == "training"
         if (
             "killed" in events
@@ -68,8 +88,9 @@ def main(parquet: str) -> None:
             replica_interval=1,
             checkpoint_interval=10,
             keep_last=3,
-            max_failures=5,
+            max_failures=8,  # the kill, the lost nodes and up to 3 re-grows
             min_wait_s=120.0,
+            poll_interval_s=0.05,  # more looks at the short pause of a grow
             start_timeout_s=60.0,
         )
         result = zray.fit(config=cfg, data=parquet, checkpoint_dir=ckpt, progress=drive)
@@ -79,6 +100,7 @@ def main(parquet: str) -> None:
             {
                 "steps": result.steps,
                 "events": events,
+                "grow_tries": grows["tries"],
                 "restarts": result.restarts,
                 "resizes": result.resizes,
                 "decisions": result.decisions,
