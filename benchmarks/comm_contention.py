@@ -124,9 +124,9 @@ def main() -> None:
         torch.cuda.synchronize()
         alone = c0.elapsed_time(c1) / a.colls
         # Enough collectives to cover the whole GEMM loop (the same count on every rank).
-        k = torch.tensor([gemm_alone * a.gemms / alone], device=dev)
-        dist.all_reduce(k, op=dist.ReduceOp.MAX)
-        k = int(k.item()) + 1
+        need = torch.tensor([gemm_alone * a.gemms / alone], device=dev)
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+        k = int(need.item()) + 1
         dist.barrier()
         torch.cuda.synchronize()
         c0, c1 = timed(fn, k, side)

@@ -373,6 +373,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     if args.gc == "off":
         gc.disable()
+    unmanaged = getattr(step, "unmanaged_bytes", 0)  # read before --gc collect wraps the step
     if args.gc == "collect":  # diagnosis: are tensors held by reference cycles until a GC?
         inner = step
 
@@ -389,7 +390,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     sync()
     step_s = (time.perf_counter() - t0) / args.steps
     peak_bytes = torch.cuda.max_memory_allocated(device) if cuda else 0
-    peak_bytes += getattr(step, "unmanaged_bytes", 0)
+    peak_bytes += unmanaged
     if args.memory_trace and cuda:
         report_peak(rank, device, 0, "the whole run (timing slowed by the recording)")
     if args.profile and cuda:

@@ -202,7 +202,12 @@ class Stage3Hooks:
                 self.finished.append(unit)
             # The unit whose backward comes first stays gathered: releasing it here would only
             # gather it again, exposed, at the start of backward (FSDP2 keeps its root alike).
-            keep = not self._recording and torch.is_grad_enabled() and unit is self.finished[-1]
+            keep = (
+                not self._recording
+                and torch.is_grad_enabled()
+                and bool(self.finished)  # empty if the recorded forward raised early
+                and unit is self.finished[-1]
+            )
             if not keep:
                 unit.release()
             if not torch.is_grad_enabled():

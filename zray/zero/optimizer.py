@@ -75,7 +75,7 @@ class ZeroOptimizer:
         self.peer_gather: PeerGather | None = None
         # overlap_param_gather: deferred parameter all-gathers, waited per unit before use.
         self._publish_hooks: list[Any] = []
-        self.overlap_param_gather = bool(getattr(zero_cfg, "overlap_param_gather", False))
+        self.overlap_param_gather = bool(zero_cfg.overlap_param_gather)
         if self.overlap_param_gather and plan.partition_optimizer:
             self._install_publish_waits(model)
         if plan.reduce_in_backward:
