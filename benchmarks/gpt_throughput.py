@@ -243,7 +243,7 @@ def batches(args: argparse.Namespace, rank: int, world: int, device: torch.devic
     return out
 
 
-def profile_steps(step: StepFn, data: list[Batch], rank: int) -> None:
+def profile_steps(step: StepFn, data: list[Batch], rank: int, rows: int = 18) -> None:
     """Profile a few more steps; rank 0 prints where the GPU time went (not in the timing)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -259,7 +259,7 @@ def profile_steps(step: StepFn, data: list[Batch], rank: int) -> None:
     events = prof.key_averages()
     total = sum(e.self_device_time_total for e in events) / 1e6
     print(f"profile: {len(data)} steps, wall {wall:.3f} s, kernel time {total:.3f} s", flush=True)
-    print(events.table(sort_by="self_device_time_total", row_limit=18), flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=rows), flush=True)
 
 
 def _frame_key(frames: list[dict[str, Any]]) -> str:
@@ -394,7 +394,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.memory_trace and cuda:
         report_peak(rank, device, 0, "the whole run (timing slowed by the recording)")
     if args.profile and cuda:
-        profile_steps(step, data[: args.warmup], rank)
+        profile_steps(step, data[: args.warmup], rank, args.profile_rows)
     if args.memory_peak and cuda:
         memory_at_peak(step, data[: args.warmup], rank, device)
     loss_t = torch.stack([x.float().reshape(()) for x in losses])
@@ -531,6 +531,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # zray.launch
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels")
+    p.add_argument("--profile-rows", type=int, default=18, help="kernels --profile prints")
     p.add_argument("--memory-peak", action="store_true", help="print what is live at the peak")
     p.add_argument("--gc", default="default", choices=["default", "collect", "off"])
     p.add_argument("--memory-trace", action="store_true", help="--memory-peak over the whole run")

@@ -89,13 +89,15 @@ def reference_training() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train(stage: int, **extra: Any) -> dict[str, Any]:
+def train(
+    stage: int, keep_engine: bool = False, steps: int = STEPS, **extra: Any
+) -> dict[str, Any]:
     ctx = zray.init_distributed()
     world, rank = ctx.dp_size, ctx.dp_rank
     engine, *_ = zray.initialize(model=fresh_model(), config=ds_config(stage, world, **extra))
     tokens = data()
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         for micro in range(GAS):
             loss = engine(**micro_batch(tokens, step, micro, rank, world, ctx.device))
             engine.backward(loss)
@@ -108,6 +110,7 @@ def train(stage: int, **extra: Any) -> dict[str, Any]:
         "global_steps": engine.global_steps,
         "lr": engine.get_lr(),
         "memory": engine.memory_breakdown(),
+        **({"engine": engine} if keep_engine else {}),
     }
 
 
@@ -505,3 +508,29 @@ def _deferral_seen(stage: int) -> tuple[bool, bool]:
     after_step = any(u.publishing is not None for u in engine.zero.units)
     engine(**batch)
     return after_step, all(u.publishing is None for u in engine.zero.units)
+
+
+def shard_adam_stages(steps: int) -> dict[str, dict[str, Any]]:
+    """bf16 at every stage, stepped by zray's Adam kernel and by torch's (`torch_adam`).
+
+    Also reports how far each unit's 16-bit compute slice is from its fp32 master after the
+    last step (the kernel writes that slice itself; torch's path casts it in publish).
+    """
+    out = {}
+    for stage in range(4):
+        for torch_adam in (False, True):
+            opt = {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.1}}
+            opt["params"]["torch_adam"] = torch_adam
+            run = train(stage, True, steps, bf16={"enabled": True}, optimizer=opt)
+            engine = run.pop("engine")
+            worst = 0.0
+            for unit in engine.zero.units:
+                if unit.full.untyped_storage().nbytes() == 0:
+                    continue  # stage 3: gathered only around forward/backward
+                local = unit.full[unit.shard_lo : unit.shard_hi].float()
+                err = (local - unit.master).abs() / unit.master.abs().clamp_min(1e-30)
+                worst = max(worst, float(err.max()))
+            run["lowp_vs_master"] = worst
+            run["kernel"] = engine.zero.shard_adam is not None
+            out[f"{stage}-{'torch' if torch_adam else 'zray'}"] = run
+    return out

@@ -71,7 +71,8 @@ class MeshGradNorm:
                 # The compiled one-pass kernel, fp64 accumulation (as grad_sumsq does).
                 sums.append(torch.tensor(sum(ops.sumsq_nonfinite(v)[0] for v in vs)))
             elif vs:
-                sums.append(torch.stack(torch._foreach_norm(vs, 2)).float().pow(2).sum())
+                norms = torch._foreach_norm(vs, 2, dtype=torch.float32)  # 16-bit grads too
+                sums.append(torch.stack(norms).pow(2).sum())
             else:
                 sums.append(torch.zeros(()))
         return torch.stack([s.to(self.ctx.device, torch.float32) for s in sums])

@@ -26,6 +26,7 @@ from zray.zero.grouping import UnitSpec, bucket_units, module_units
 from zray.zero.hooks import BoundaryReduceHooks, GradHooks, Stage3Hooks
 from zray.zero.partition import Segment, StagePlan, build_layout
 from zray.zero.peer_gather import PeerGather, PeerGatherUnavailable
+from zray.zero.shard_adam import ShardAdam
 from zray.zero.unit import FlatUnit, UnitKind, UnitSettings
 
 log = logging.getLogger("zray")
@@ -112,7 +113,14 @@ class ZeroOptimizer:
             self.optimizer = build_cpu_optimizer(optimizer_spec, seg_groups, client_optimizer)
         else:
             self.optimizer = build_optimizer(optimizer_spec, seg_groups, client_optimizer)
+        # zray's one-pass Adam kernel where it applies (zero/shard_adam.py); None: torch steps.
+        self.shard_adam: ShardAdam | None = None
+        if not self.offload:
+            torch_adam = optimizer_spec is not None and optimizer_spec.torch_adam
+            self.shard_adam = ShardAdam.maybe(self.optimizer, prefer_torch=torch_adam)
         self._master_grads: dict[FlatUnit, torch.Tensor] = {}
+        # Units whose compute copy the last update already wrote (publish skips their cast).
+        self._lowp_written: set[FlatUnit] = set()
 
     def _attach_peer_gather(self, mode: str) -> None:
         """Stage 3 on one host: gather parameters by peer copies (zero/peer_gather.py).
@@ -205,7 +213,7 @@ class ZeroOptimizer:
                     acc = torch.zeros(
                         unit.shard_hi - unit.shard_lo, dtype=torch.float32, device=unit.device
                     )
-                self._master_grads[unit] = acc if acc.dtype == torch.float32 else acc.float()
+                self._master_grads[unit] = self._as_master_grad(acc)
         else:
             if self.boundary_hooks is not None:
                 launched = self.boundary_hooks.take()  # most already launched during backward
@@ -214,12 +222,20 @@ class ZeroOptimizer:
             self._master_grads = {}
             for unit, pending, out in launched:
                 pending.wait()
-                self._master_grads[unit] = out if out.dtype == torch.float32 else out.float()
+                self._master_grads[unit] = self._as_master_grad(out)
         if self.offload:
             self._gradients_to_host()
             return
+        if self.shard_adam is not None:
+            return  # the kernel reads the gradient as reduced; no fp32 copy, no .grad
         for unit, lo, hi, t in self._segments:
             t.grad = self._master_grads[unit][lo:hi]
+
+    def _as_master_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """fp32 for torch's optimizers; as reduced for zray's kernel, which widens as it reads."""
+        if self.shard_adam is not None or self.offload or g.dtype == torch.float32:
+            return g
+        return g.float()
 
     def _send_to_host(self, unit: FlatUnit) -> None:
         """Start one unit's gradient shard for host memory (boundary micro-step only)."""
@@ -267,8 +283,9 @@ class ZeroOptimizer:
             total = sum(ops.sumsq_nonfinite(g)[0] for g in grads)
             out = torch.tensor([total], dtype=torch.float32)
         elif grads:
-            norms = torch._foreach_norm(grads, 2)
-            out = torch.stack(norms).float().pow(2).sum().reshape(1)
+            # fp32 results for 16-bit gradients too (zray's Adam leaves them as reduced).
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            out = torch.stack(norms).pow(2).sum().reshape(1)
         else:
             out = torch.zeros(1, dtype=torch.float32, device=self.ctx.device)
         if self.plan.partition_optimizer:
@@ -288,6 +305,9 @@ class ZeroOptimizer:
         factor, updates fp32 master and Adam states, and writes the 16-bit parameter copy that
         `publish_params` sends back to the device.
         """
+        if self.shard_adam is not None:
+            self._shard_adam_step(factor)
+            return
         if not self.offload:
             if any(g.get("fused") for g in self.optimizer.param_groups):
                 # torch's fused Adam divides each gradient by `grad_scale` as it reads it (the
@@ -313,6 +333,23 @@ class ZeroOptimizer:
         lowp = None if any(o is None for o in outs) else outs
         self.optimizer.step_fused(grads, grad_scale=scale, out_lowp=lowp)
 
+    def _shard_adam_step(self, factor: torch.Tensor) -> None:
+        """zray's kernel: also writes each segment's new 16-bit weights into the unit's slice of
+        the compute parameters where the unit keeps one (stages 0-2; stage 3 gathers cast the
+        master themselves), so `publish_params` has no cast left to do for that unit."""
+        assert self.shard_adam is not None
+        work = []
+        for unit, lo, hi, t in self._segments:
+            grad = self._master_grads.get(unit)
+            if grad is None:
+                continue
+            lowp = None
+            if unit.kind is not UnitKind.ON_DEMAND and unit.compute_dtype != torch.float32:
+                lowp = unit.full[unit.shard_lo + lo : unit.shard_lo + hi]
+                self._lowp_written.add(unit)
+            work.append((t, grad[lo:hi], lowp))
+        self.shard_adam.step(work, factor)
+
     def publish_params(self, defer: bool = False) -> None:
         """Copy updated master weights into the compute parameters and all-gather them.
 
@@ -323,8 +360,9 @@ class ZeroOptimizer:
         the order forward usually meets them; NCCL runs them one after another in that order.
         """
         self.wait_published()
+        written, self._lowp_written = self._lowp_written, set()
         for u in reversed(self.units):
-            u.publishing = u.publish()
+            u.publishing = u.publish(cast=u not in written)
         if not defer:
             self.wait_published()
 

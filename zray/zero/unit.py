@@ -199,11 +199,13 @@ class FlatUnit:
         self.full.untyped_storage().resize_(0)
         self.state = ShardState.SHARDED
 
-    def publish(self) -> comm.Pending | None:
+    def publish(self, cast: bool = True) -> comm.Pending | None:
         """After the optimizer step: make the compute parameters equal the new master weights.
 
         With offload the updated values come up from host memory: the 16-bit copy the fused
         CPU step wrote (or the fp32 master when computing in fp32), copied asynchronously.
+        `cast=False`: the optimizer step already wrote this rank's slice (zero/shard_adam.py);
+        only the all-gather is left.
         """
         src = self.lowp_host if self.lowp_host is not None else self.master
         if self.kind is UnitKind.ON_DEMAND:
@@ -212,7 +214,7 @@ class FlatUnit:
                 self.shard.copy_(src, non_blocking=True)
             return None
         local = self.full[self.shard_lo : self.shard_hi]
-        if src.data_ptr() != local.data_ptr():
+        if cast and src.data_ptr() != local.data_ptr():
             local.copy_(src, non_blocking=True)
         if self.kind is UnitKind.REPLICATED:
             return None
