@@ -59,7 +59,9 @@ class OptimizerConfig(Section):
     weight_decay: float = field(default=0.0, metadata=meta(ge=0))
     adam_w_mode: bool = True
     bias_correction: bool = True
-    torch_adam: bool = False  # accepted for DeepSpeed compatibility; zray picks its own kernel
+    # As in DeepSpeed: true steps with torch's own (fused) Adam; false, on GPU shards, with
+    # zray's one-pass kernel where it applies (zero/shard_adam.py), else torch's.
+    torch_adam: bool = False
     momentum: float = field(default=0.0, metadata=meta(ge=0))
     dampening: float = field(default=0.0, metadata=meta(ge=0))
     nesterov: bool = False
