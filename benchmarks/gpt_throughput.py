@@ -243,13 +243,19 @@ def batches(args: argparse.Namespace, rank: int, world: int, device: torch.devic
     return out
 
 
-def profile_steps(step: StepFn, data: list[Batch], rank: int, rows: int = 18) -> None:
-    """Profile a few more steps; rank 0 prints where the GPU time went (not in the timing)."""
+def profile_steps(
+    step: StepFn, data: list[Batch], rank: int, rows: int = 18, by_op: bool = False
+) -> None:
+    """Profile a few more steps; rank 0 prints where the GPU time went (not in the timing).
+
+    `by_op`: also record the CPU-side operators and print the GPU time under each (which op
+    launched the elementwise kernels that share one kernel name)."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if by_op else [])
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=activities) as prof:
         for batch in data:
             step(batch)
         torch.cuda.synchronize()
@@ -257,9 +263,19 @@ def profile_steps(step: StepFn, data: list[Batch], rank: int, rows: int = 18) ->
     if rank != 0:
         return
     events = prof.key_averages()
-    total = sum(e.self_device_time_total for e in events) / 1e6
+    kernels = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    total = sum(e.self_device_time_total for e in kernels) / 1e6
     print(f"profile: {len(data)} steps, wall {wall:.3f} s, kernel time {total:.3f} s", flush=True)
     print(events.table(sort_by="self_device_time_total", row_limit=rows), flush=True)
+    if by_op:
+        ops = sorted(
+            (e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+            key=lambda e: -e.self_device_time_total,
+        )
+        print("GPU time launched directly by each operator (ms per step, calls per step):")
+        for e in ops[:rows]:
+            ms = e.self_device_time_total / 1e3 / len(data)
+            print(f"  {ms:8.2f}  {e.count / len(data):6.1f}  {e.key}", flush=True)
 
 
 def _frame_key(frames: list[dict[str, Any]]) -> str:
@@ -394,7 +410,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.memory_trace and cuda:
         report_peak(rank, device, 0, "the whole run (timing slowed by the recording)")
     if args.profile and cuda:
-        profile_steps(step, data[: args.warmup], rank, args.profile_rows)
+        profile_steps(step, data[: args.warmup], rank, args.profile_rows, args.profile_ops)
     if args.memory_peak and cuda:
         memory_at_peak(step, data[: args.warmup], rank, device)
     loss_t = torch.stack([x.float().reshape(()) for x in losses])
@@ -532,6 +548,9 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # zray.launch
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels")
     p.add_argument("--profile-rows", type=int, default=18, help="kernels --profile prints")
+    p.add_argument(
+        "--profile-ops", action="store_true", help="--profile also by operator (CPU side)"
+    )
     p.add_argument("--memory-peak", action="store_true", help="print what is live at the peak")
     p.add_argument("--gc", default="default", choices=["default", "collect", "off"])
     p.add_argument("--memory-trace", action="store_true", help="--memory-peak over the whole run")

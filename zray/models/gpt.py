@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zray.models.loss import cross_entropy
+from zray.ops import gpu_layernorm
 
 IGNORE_INDEX = -100
 
@@ -158,20 +159,37 @@ class MLP(nn.Module):
         return self.drop(self.proj(self.act(self.fc(x))))
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state-dict keys) that runs zray's Triton kernels on
+    GPUs (zray/ops/gpu_layernorm.py; torch's elsewhere) and can take the residual add before it:
+    ``ln(x, residual)`` returns ``(x + residual, LayerNorm(x + residual))`` from one kernel.
+
+    A module, not a function called from the block, so that every engine's per-module hooks
+    (ZeRO-3 gathers, FSDP2, activation checkpointing) still see its parameters used in its own
+    forward.
+    """
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return gpu_layernorm.layer_norm(x, self.weight, self.bias, self.eps, residual)
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln1 = LayerNorm(cfg.d_model, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln2 = LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, D] -> [B, T, D]
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        # x: [B, T, D] -> [B, T, D]. ln2 does the attention's residual add and the norm of
+        # its result in one pass: h = x + attn(ln1(x)), a = ln2(h).
+        h, a = self.ln2(self.attn(self.ln1(x)), x)
+        return h + self.mlp(a)
 
 
 class GPT(nn.Module):
@@ -188,7 +206,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = LayerNorm(cfg.d_model, bias=cfg.bias)
         # No bias on the output projection, so tying shares the whole layer's parameters.
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
