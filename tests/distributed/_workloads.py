@@ -197,7 +197,7 @@ def deepcopy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return copy.deepcopy(state)
 
 
-def resume_matches(stage: int, save_dir: str, split: int = 2) -> dict[str, Any]:
+def resume_matches(stage: int, save_dir: str, split: int = 2, **extra: Any) -> dict[str, Any]:
     """Train `split` steps, save, train on; then a fresh engine loads and trains the same steps.
 
     Returns both final states (rank 0) so the test can require them to be identical.
@@ -212,7 +212,7 @@ def resume_matches(stage: int, save_dir: str, split: int = 2) -> dict[str, Any]:
                 engine.backward(engine(**batch))
                 engine.step()
 
-    cfg = ds_config(stage, ctx.dp_size)
+    cfg = ds_config(stage, ctx.dp_size, **extra)
     first, *_ = zray.initialize(model=fresh_model(), config=cfg)
     run(first, range(split))
     first.save_checkpoint(save_dir, client_state={"note": "hello"})
@@ -233,6 +233,7 @@ def resume_matches(stage: int, save_dir: str, split: int = 2) -> dict[str, Any]:
         "client": client,
         "steps_after_load": steps_after_load,
         "lr_after_load": lr_after_load,
+        "kernel": first.zero.shard_adam is not None and second.zero.shard_adam is not None,
     }
 
 
@@ -510,12 +511,22 @@ def _deferral_seen(stage: int) -> tuple[bool, bool]:
     return after_step, all(u.publishing is None for u in engine.zero.units)
 
 
+def _model_kernels_off_on_cpu() -> None:
+    """Under Triton's interpreter the GPT's LayerNorm / GELU kernels would run too, one Python
+    program per row (slow); the optimizer tests keep the model on torch's ops."""
+    if not torch.cuda.is_available():
+        from zray.ops import gpu_gelu, gpu_layernorm
+
+        gpu_gelu.available = gpu_layernorm.available = lambda x: False
+
+
 def shard_adam_stages(steps: int) -> dict[str, dict[str, Any]]:
     """bf16 at every stage, stepped by zray's Adam kernel and by torch's (`torch_adam`).
 
     Also reports how far each unit's 16-bit compute slice is from its fp32 master after the
     last step (the kernel writes that slice itself; torch's path casts it in publish).
     """
+    _model_kernels_off_on_cpu()
     out = {}
     for stage in range(4):
         for torch_adam in (False, True):
@@ -534,3 +545,12 @@ def shard_adam_stages(steps: int) -> dict[str, dict[str, Any]]:
             run["kernel"] = engine.zero.shard_adam is not None
             out[f"{stage}-{'torch' if torch_adam else 'zray'}"] = run
     return out
+
+
+def shard_adam_resume(save_dir: str) -> dict[int, dict[str, Any]]:
+    """resume_matches in bf16, where the GPU Adam kernel steps (see test_shard_adam.py)."""
+    _model_kernels_off_on_cpu()
+    return {
+        stage: resume_matches(stage, f"{save_dir}/stage{stage}", bf16={"enabled": True})
+        for stage in (1, 3)
+    }
