@@ -200,10 +200,11 @@ class ZeroOptimizer:
     # ---- the boundary step --------------------------------------------------------------------
 
     def reduce_gradients(self) -> None:
-        """Sum gradients over data-parallel ranks into fp32 master gradients (not yet averaged).
+        """Sum gradients over data-parallel ranks into master gradients (not yet averaged):
+        fp32 for torch's optimizers, left in the reduce dtype for zray's kernel.
 
         Stages 0-1 communicate here, once per accumulation cycle; stages 2-3 already did during
-        backward and only point the optimizer at their fp32 accumulators.
+        backward and only point the optimizer at their accumulators.
         """
         if self.grad_hooks is not None:
             self._master_grads = {}
@@ -268,7 +269,8 @@ class ZeroOptimizer:
 
     @property
     def master_grads(self) -> dict[FlatUnit, torch.Tensor]:
-        """Each unit's reduced fp32 (or offloaded) gradient shard, between reduce and zero_grad."""
+        """Each unit's reduced gradient shard (fp32, or as reduced when zray's kernel steps, or
+        offloaded), between reduce and zero_grad."""
         return self._master_grads
 
     def grad_sumsq(self) -> torch.Tensor:
