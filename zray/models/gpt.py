@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zray.models.loss import cross_entropy
-from zray.ops import gpu_gelu, gpu_layernorm
+from zray.ops import gpu_layernorm
 
 IGNORE_INDEX = -100
 
@@ -156,17 +156,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [B, T, D] -> [B, T, 4D] -> [B, T, D]
-        if type(self.fc) is nn.Linear and self._exact_gelu() and gpu_gelu.available(x):
-            # The same function; its backward forms fc's bias gradient inside the GELU-gradient
-            # kernel instead of a separate pass (zray/ops/gpu_gelu.py). Only for a plain
-            # nn.Linear: a sliced (tensor-parallel) fc keeps its own forward.
-            h = gpu_gelu.linear_gelu(x, self.fc.weight, self.fc.bias)
-        else:
-            h = self.act(self.fc(x))
-        return self.drop(self.proj(h))
-
-    def _exact_gelu(self) -> bool:
-        return type(self.act) is nn.GELU and self.act.approximate == "none"
+        return self.drop(self.proj(self.act(self.fc(x))))
 
 
 class LayerNorm(nn.LayerNorm):
