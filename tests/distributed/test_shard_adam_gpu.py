@@ -8,9 +8,10 @@ the GPU machine: `pytest tests/distributed/test_shard_adam_gpu.py`.
   different scale each step, against torch.optim.AdamW(fused=True) fed the widened gradient
   with `grad_scale` = 1 / scale: fp32 operation order only, 1e-6 relative; the bf16 copy equals
   the new master rounded by torch, bit for bit.
-- Engine, one GPU, bf16, stages 0-3, deterministic kernels: 2 steps with the kernel and with
-  `torch_adam`: masters within 1e-6 relative (as test_shard_adam.py argues), and the kernel's
-  path really ran.
+- Engine, one GPU, bf16, stages 0-3, deterministic kernels, the kernel against `torch_adam`:
+  after one step the masters within 1e-6 relative; over three steps the losses within 1e-2
+  (test_shard_adam.py says why longer runs may part at bf16 resolution); every compute weight
+  equal to its master rounded; the kernel's path really ran.
 """
 
 from __future__ import annotations
@@ -80,15 +81,16 @@ def deterministic() -> Iterator[None]:
     torch.backends.cuda.enable_cudnn_sdp(flags[2])
 
 
+@pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_engine_kernel_equals_torch_adam(stage: int, deterministic: None) -> None:
+def test_engine_kernel_equals_torch_adam(stage: int, steps: int, deterministic: None) -> None:
     import zray
     from zray.models.data import lm_batch, synthetic_tokens
     from zray.models.gpt import GPT, GPTConfig
 
     cfg = GPTConfig(vocab_size=512, seq_len=64, n_layer=2, n_head=4, d_model=128, bias=False)
-    toks = synthetic_tokens(8 * 2, 64, 512, seed=2)
-    states = {}
+    toks = synthetic_tokens(8 * steps, 64, 512, seed=2)
+    states, losses = {}, {}
     for torch_adam in (False, True):
         torch.manual_seed(0)
         model = GPT(cfg).cuda()
@@ -101,14 +103,22 @@ def test_engine_kernel_equals_torch_adam(stage: int, deterministic: None) -> Non
         }
         engine, *_ = zray.initialize(model=model, config=config)
         assert (engine.zero.shard_adam is not None) is (not torch_adam)
-        for i in range(2):
+        for i in range(steps):
             batch = {k: t.cuda() for k, t in lm_batch(toks[i * 8 : (i + 1) * 8]).items()}
-            engine.backward(engine(**batch))
+            loss = engine(**batch)
+            engine.backward(loss)
             engine.step()
+            losses.setdefault(torch_adam, []).append(float(loss))
         states[torch_adam] = engine.consolidated_state_dict()
+        if stage < 3:  # stage 3 holds no compute copy between steps
+            for n, p in model.named_parameters():
+                assert torch.equal(p.detach(), states[torch_adam][n].cuda().to(p.dtype)), n
     torch.manual_seed(0)
     init = GPT(cfg).state_dict()
-    errors = {k: rel(states[False][k], ref) for k, ref in states[True].items()}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= 1e-6, (worst, errors[worst])
+    if steps == 1:
+        errors = {k: rel(states[False][k], ref) for k, ref in states[True].items()}
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= 1e-6, (worst, errors[worst])
+    else:  # may part at bf16 resolution (test_shard_adam.py): the same training, by the loss
+        assert all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(*losses.values(), strict=True))
     assert min(rel(states[True][k], init[k]) for k in init) > 1e-4
