@@ -15,26 +15,11 @@ Median over --steps of CUDA-event timings after --warmup; prints a table.
 from __future__ import annotations
 
 import argparse
-import statistics
-from collections.abc import Callable
 
 import torch
+from _cuda_timing import timed  # benchmarks/ is the script directory
 
 from zray.ops import gpu_layernorm as ln
-
-
-def timed(fn: Callable[[], object], warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
