@@ -39,6 +39,8 @@ def available(x: torch.Tensor) -> bool:
     """True where the kernels can run on `x` (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     if triton is None or x.shape[-1] > _MAX_COLS or x.numel() == 0:
         return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False  # fp32 statistics: float64 keeps torch's kernel
     if x.device.type == "cuda":
         return True
     return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
