@@ -42,7 +42,12 @@ def test_two_workers_stage2_from_parquet_loss_falls(parquet_tokens: Path, tmp_pa
 def test_killed_worker_recovers_exactly(parquet_tokens: Path, tmp_path: Path) -> None:
     """SIGKILL one worker mid-run: the run completes from the last checkpoint and its final
     fp32 weights are bit-identical to an uninterrupted run's."""
-    cfg = _runs.config(1, steps=8, num_workers=2, checkpoint_interval=2, max_failures=2)
+    # 16 steps and a 50 ms poll: the progress callback sees step 5 while many steps remain (with
+    # 8 steps at the default 0.2 s poll, a clean CI run once saw step 5 only after the workers
+    # had finished, so the kill came too late to cause a restart).
+    cfg = _runs.config(
+        1, steps=16, num_workers=2, checkpoint_interval=2, max_failures=2, poll_interval_s=0.05
+    )
     clean = zray.fit(
         config=cfg, data=str(parquet_tokens), checkpoint_dir=str(tmp_path / "clean"), progress=False
     )
@@ -59,7 +64,7 @@ def test_killed_worker_recovers_exactly(parquet_tokens: Path, tmp_path: Path) ->
         checkpoint_dir=str(tmp_path / "broken"),
         progress=kill_once,
     )
-    assert killed and broken.restarts == 1 and broken.steps == 8
+    assert killed and broken.restarts == 1 and broken.steps == 16
     assert any(d.startswith("restart: rank") for d in broken.decisions), broken.decisions
     a, b = masters(clean.checkpoint), masters(broken.checkpoint)
     assert a.keys() == b.keys()
