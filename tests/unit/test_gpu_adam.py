@@ -12,13 +12,9 @@ relative after several steps. The 16-bit copy must equal the new master rounded 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+
+from tests.unit._triton_interpreter import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -85,20 +81,6 @@ for args in [
 out["errors"] = errs
 print("RESULT" + json.dumps(out))
 """
-
-
-def run_interpreted(code: str) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_gpu_adam import run_interpreted
+from tests.unit._triton_interpreter import run_interpreted
 
 pytest.importorskip("triton")
 

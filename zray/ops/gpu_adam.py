@@ -116,23 +116,16 @@ def _check(
     lowp: torch.Tensor | None,
 ) -> None:
     n = param.numel()
-    if param.dtype != torch.float32 or exp_avg.dtype != torch.float32:
-        raise ValueError(
-            f"adam_step_: param and moments must be float32, got {param.dtype} / "
-            f"{exp_avg.dtype} / {exp_avg_sq.dtype}"
-        )
-    if exp_avg_sq.dtype != torch.float32:
-        raise ValueError(f"adam_step_: exp_avg_sq must be float32, got {exp_avg_sq.dtype}")
-    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if t.numel() != n:
+    for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"adam_step_: {name} must be float32, got {t.dtype}")
+    named = (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("lowp", lowp))
+    for name, t in named:
+        if t is not None and t.numel() != n:
             raise ValueError(f"adam_step_: {name} has {t.numel()} elements, param has {n}")
-    if lowp is not None and lowp.numel() != n:
-        raise ValueError(f"adam_step_: lowp has {lowp.numel()} elements, param has {n}")
-    for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("lowp", lowp)):
+    for name, t in (("param", param), *named):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"adam_step_: {name} must be contiguous")
-    if not exp_avg_sq.is_contiguous():
-        raise ValueError("adam_step_: exp_avg_sq must be contiguous")
 
 
 def adam_step_(

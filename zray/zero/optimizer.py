@@ -342,9 +342,7 @@ class ZeroOptimizer:
         assert self.shard_adam is not None
         work = []
         for unit, lo, hi, t in self._segments:
-            grad = self._master_grads.get(unit)
-            if grad is None:
-                continue
+            grad = self._master_grads[unit]  # every unit has one after reduce_gradients
             lowp = None
             if unit.kind is not UnitKind.ON_DEMAND and unit.compute_dtype != torch.float32:
                 lowp = unit.full[unit.shard_lo + lo : unit.shard_lo + hi]

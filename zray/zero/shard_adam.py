@@ -57,7 +57,8 @@ class ShardAdam:
         return state
 
     def step(self, work: Sequence[Work], scale: torch.Tensor) -> None:
-        """Update every (tensor, grad, lowp) in `work`; `scale` multiplies each gradient."""
+        """Update every optimizer tensor; `work` holds a (tensor, grad, lowp) for each of them
+        and `scale` multiplies each gradient."""
         by_tensor = {id(t): (g, lowp) for t, g, lowp in work}
         scale = scale.reshape(1).to(torch.float32)
         todo = []
@@ -66,8 +67,6 @@ class ShardAdam:
                 "decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW)
             )
             for t in group["params"]:
-                if id(t) not in by_tensor:
-                    continue  # no gradient this step (torch skips such params too)
                 todo.append((group, bool(decoupled), t, self._state(t), *by_tensor[id(t)]))
         if not todo:
             return
