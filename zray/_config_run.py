@@ -144,6 +144,9 @@ class RunConfig(Section):
     max_steps: int | None = field(default=None, metadata=meta(gt=0))
     seed: int = field(default=0, metadata=meta(ge=0))
     checkpoint_dir: str | None = None
+    # The steps whose loss enters the run's history (FitResult.losses, checkpoints): every
+    # log_interval-th and the last. The live line and the metrics get every step's loss (read
+    # one step late, without a host sync).
     log_interval: int = field(default=1, metadata=meta(ge=1))
     # Fault tolerance: a checkpoint every `checkpoint_interval` steps bounds the work a failure
     # loses; the last `keep_last` committed ones are kept; `max_failures` restarts are allowed.
@@ -166,10 +169,12 @@ class RunConfig(Section):
     metrics_dir: str | None = None  # JSONL log per run (default: checkpoint_dir, else none)
     # Elastic runs. The controller looks for capacity to grow into every `scale_interval_s`
     # (Ray Train looks once a minute; a few seconds keeps a new node from idling). Every
-    # `replica_interval` steps each rank refreshes the copy of its optimizer shard that a peer
-    # keeps in host memory, so losing one worker loses at most that many steps without reading
-    # disk; 1 loses none, 0 turns the copies off (and the host memory they cost: one optimizer
-    # shard per rank). A run below min workers waits `min_wait_s` for them, then gives up.
+    # `replica_interval` steps (or as soon after as the last copy is done: the interval
+    # stretches rather than the step waiting) each rank copies its state into host memory off
+    # the step's path and sends it to a peer (the controller for a single worker), so losing
+    # one worker loses only the steps since the newest complete copy, without reading disk.
+    # 0 turns the copies off and frees their host memory (about 4 copies of the rank's state;
+    # see zray.checkpoint.replica). A run below min workers waits `min_wait_s`, then gives up.
     scale_interval_s: float = field(default=5.0, metadata=meta(gt=0))
     replica_interval: int = field(default=1, metadata=meta(ge=0))
     min_wait_s: float = field(default=600.0, metadata=meta(gt=0))

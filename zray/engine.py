@@ -138,6 +138,9 @@ class Engine(nn.Module):
         self.timer = StepTimer(ctx.device, enabled=config.wall_clock_breakdown)
         self.last_breakdown: dict[str, float] = {}
         self.last_profile: ProfileReport | None = None
+        # Waits to run before the next write of the master weights and optimizer state (a
+        # copy of them may still be reading: zray.checkpoint.replica).
+        self._state_fences: list[Callable[[], None]] = []
 
     # ---- the DeepSpeed-shaped API -------------------------------------------------------------
 
@@ -182,6 +185,19 @@ class Engine(nn.Module):
         """With overlap_param_gather, make the parameters whole before reading them directly
         between `step()` and the next forward (the forward and the engine's methods wait)."""
         self.zero.wait_published()
+
+    def fence_state(self, wait: Callable[[], None]) -> None:
+        """Call `wait` once, right before the master weights and optimizer state are next
+        written (the optimizer update, a checkpoint load): a reader of them, such as an
+        asynchronous copy, is still in flight. On CUDA `wait` orders streams; it need not block
+        the host."""
+        self._state_fences.append(wait)
+
+    def settle_state(self) -> None:
+        """Run the pending state fences (see `fence_state`)."""
+        fences, self._state_fences = self._state_fences, []
+        for wait in fences:
+            wait()
 
     def train_batch(
         self,
@@ -304,6 +320,7 @@ class Engine(nn.Module):
         clip = self.config.gradient_clipping
         if clip > 0:
             factor = factor * (clip / (norm + 1e-6)).clamp(max=1.0)
+        self.settle_state()  # a copy of the state may still be reading it
         with self.timer.phase(Phase.OPTIMIZER):
             zero.update(factor)  # 4 + 5
             if self.lr_scheduler is not None:

@@ -40,6 +40,18 @@ class FitResult:
     decisions: list[str] = field(default_factory=list)
     run_name: str = ""
     metrics_url: str | None = None  # served while the run was going
+    # Rank 0 of the last group: (step, seconds since that group started training) when each
+    # step was done on the device; and the steps between its last two state copies.
+    step_times: list[tuple[int, float]] = field(default_factory=list)
+    copy_interval: float = 0.0
+
+    def steady_tokens_per_s(self, skip: int, tokens_per_step: int) -> float:
+        """Tokens/s over the steps after the first `skip` of the last group (warm-up out)."""
+        times = [(s, t) for s, t in self.step_times if s >= self.step_times[0][0] + skip]
+        if len(times) < 2 or times[-1][1] <= times[0][1]:
+            return float("nan")
+        (s0, t0), (s1, t1) = times[0], times[-1]
+        return (s1 - s0) * tokens_per_step / (t1 - t0)
 
     @property
     def final_loss(self) -> float:
@@ -69,15 +81,21 @@ class ProgressLine:
         if key == self._last:
             return
         self._last = key
+        self.stream.write(("\r" + self.format(st)) if self.tty else self.format(st) + "\n")
+        self.stream.flush()
+
+    def format(self, st: RunStatus) -> str:
+        """One line: the step, the newest loss read (a step behind), tokens/s and MFU over the
+        last ~20 s, how often state is copied to peers, world size and restarts."""
         loss = "-" if st.loss is None else f"{st.loss:.4f}"
         of = f"/{self.total}" if self.total else ""
-        line = (
+        mfu = "" if st.mfu is None else f"  MFU {st.mfu:.1%}"
+        copies = f"  copy every {st.copy_interval:.0f} steps" if st.copy_interval else ""
+        return (
             f"[zray] {st.state.value:<12} step {st.step}{of}  loss {loss}  "
-            f"tokens/s {st.tokens_per_s:,.0f}  world {st.world_size}  "
-            f"restarts {st.restarts}"
+            f"tokens/s {st.tokens_per_s:,.0f}{mfu}  world {st.world_size}  "
+            f"restarts {st.restarts}{copies}"
         )
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
 
 
 def _ensure_ray(address: str | None, num_workers: int, use_gpu: bool) -> bool:
@@ -221,6 +239,8 @@ def fit(
             decisions=status.decisions,
             run_name=run_name,
             metrics_url=status.metrics_url,
+            step_times=outcome.step_times,
+            copy_interval=status.copy_interval,
         )
     finally:
         if started:

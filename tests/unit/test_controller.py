@@ -158,6 +158,13 @@ def shard(rank: int, world: int, step: int) -> object:
     )
 
 
+def packed(rank: int, world: int, step: int) -> object:
+    """An in-memory state copy as workers hold them (the ranges do not matter here)."""
+    from zray.checkpoint.shard import PackedShard
+
+    return PackedShard(shard(rank, world, step), [], [], [])
+
+
 class PausingGroup(FakeGroup):
     """Trains until asked to pause; then every rank hands over its state of step 7."""
 
@@ -267,10 +274,11 @@ def test_consistent_snapshot_picks_the_newest_step_every_rank_has() -> None:
     # rank 1 died; its peer (rank 2) holds rank 1's copies of steps 4 and 5; rank 0 and 2 hold
     # their own of 5 and 6 (the copy of step 6 from rank 1 never arrived).
     snaps = {
-        0: [(5, shard(0, 3, 5)), (6, shard(0, 3, 6))],
-        1: [(4, shard(1, 3, 4)), (5, shard(1, 3, 5))],
-        2: [(5, shard(2, 3, 5)), (6, shard(2, 3, 6))],
+        0: [(5, packed(0, 3, 5)), (6, packed(0, 3, 6))],
+        1: [(4, packed(1, 3, 4)), (5, packed(1, 3, 5))],
+        2: [(5, packed(2, 3, 5)), (6, packed(2, 3, 6))],
     }
-    got = consistent_snapshot(snaps, 3)
-    assert [(s.rank, s.engine["global_steps"]) for s in got] == [(0, 5), (1, 5), (2, 5)]
-    assert consistent_snapshot({0: [(5, shard(0, 3, 5))]}, 3) is None
+    step, got = consistent_snapshot(snaps, 3)
+    assert step == 5
+    assert [(p.shard.rank, p.step) for p in got] == [(0, 5), (1, 5), (2, 5)]
+    assert consistent_snapshot({0: [(5, packed(0, 3, 5))]}, 3) is None

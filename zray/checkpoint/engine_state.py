@@ -14,7 +14,9 @@ tensor group, so only tp rank 0 saves it (the others' copies would be dead weigh
 
 from __future__ import annotations
 
+import copy
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -49,18 +51,71 @@ def rng_state(engine: Engine) -> dict[str, Any]:
     }
 
 
-def capture(
-    engine: Engine,
-    sampler: dict[str, Any] | None = None,
-    client_state: dict[str, Any] | None = None,
-) -> RankShard:
-    """This rank's RankShard (tensors copied to CPU: the result is a snapshot)."""
-    engine.wait_for_params()
+@dataclass(frozen=True)
+class RangeSpec:
+    """One ParamRange of this rank, as offsets into the layout's source tensors."""
+
+    name: str
+    shape: tuple[int, ...]  # the whole (full, unsliced) parameter's shape
+    lo: int
+    hi: int
+    tp: TPSlice | None
+    parts: dict[str, tuple[int, int]]  # key -> (index into sources, first element there)
+
+
+@dataclass(frozen=True)
+class ScalarSpec:
+    """An optimizer scalar of one param group: a source tensor of one element, or a number."""
+
+    group: int
+    key: str
+    source: int | None  # index into the layout's sources, or None: `value` holds it
+    value: float = 0.0
+
+
+@dataclass
+class StateLayout:
+    """Where this rank's training state lives: a few flat tensors and the ranges inside them.
+
+    `sources` are the unit master shards (one per unit) and the optimizer's element-wise state
+    of every segment (one per segment and key), in the device memory the optimizer steps; a
+    copy of them (whole tensors, a few hundred copies for a large model) and the `ranges`
+    rebuild the RankShard's ParamRanges as views. Scalars of the optimizer state (Adam's
+    "step") are sources too, keyed by param group in `scalars`: reading a device scalar on the
+    host would be a sync, copying it is not.
+    """
+
+    sources: list[torch.Tensor]
+    ranges: list[RangeSpec]
+    scalars: list[ScalarSpec]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.sources)
+
+    def signature(self) -> tuple[tuple[int, int, str], ...]:
+        """Identity of the sources (a layout stays valid while this is unchanged)."""
+        return tuple((t.data_ptr(), t.numel(), str(t.dtype)) for t in self.sources)
+
+
+def state_layout(engine: Engine) -> StateLayout:
+    """This rank's state as views of the engine's own tensors (nothing is copied)."""
     ctx, opt = engine.ctx, engine.zero.optimizer
     segments = _segments(engine)
     specs = tp_slices(engine.module)
-    ranges: list[ParamRange] = []
-    scalars: dict[int, dict[str, float]] = {}
+    sources: list[torch.Tensor] = []
+    index: dict[int, int] = {}
+
+    def source(t: torch.Tensor) -> int:
+        flat = t.detach().reshape(-1)
+        key = id(t)
+        if key not in index:
+            index[key] = len(sources)
+            sources.append(flat)
+        return index[key]
+
+    ranges: list[RangeSpec] = []
+    scalars: dict[tuple[int, str], ScalarSpec] = {}
     for ui, unit in enumerate(engine.zero.units):
         for slot in unit.layout.slots:
             overlap = unit.layout.slot_overlap(slot, ctx.dp_rank)
@@ -69,25 +124,50 @@ def capture(
                 continue
             lo, hi = overlap
             a = slot.offset + lo  # position in the unit's flat buffer
-            tensors = {MASTER: unit.master[a - unit.shard_lo : a - unit.shard_lo + hi - lo]}
+            parts = {MASTER: (source(unit.master), a - unit.shard_lo)}
             if slot.group >= 0:
                 seg_lo, _, seg_t = segments[(ui, slot.group)]
                 for key, value in opt.state.get(seg_t, {}).items():
                     if isinstance(value, torch.Tensor) and value.numel() == seg_t.numel():
-                        tensors[key] = value.reshape(-1)[a - seg_lo : a - seg_lo + hi - lo]
-                    elif isinstance(value, (torch.Tensor, int, float)):
-                        scalars.setdefault(slot.group, {})[key] = float(value)
-            ranges.append(
-                ParamRange(
-                    slot.name,
-                    spec.full_shape if spec is not None else tuple(slot.shape),
-                    lo,
-                    hi,
-                    {k: v.detach().float().cpu().clone() for k, v in tensors.items()},
-                    tp=spec,
-                )
-            )
-    groups = opt.param_groups
+                        parts[key] = (source(value), a - seg_lo)
+                    elif isinstance(value, torch.Tensor):
+                        scalars[(slot.group, key)] = ScalarSpec(slot.group, key, source(value))
+                    elif isinstance(value, (int, float)):
+                        scalars[(slot.group, key)] = ScalarSpec(slot.group, key, None, value)
+            full = spec.full_shape if spec is not None else tuple(slot.shape)
+            ranges.append(RangeSpec(slot.name, full, lo, hi, spec, parts))
+    return StateLayout(sources, ranges, [scalars[k] for k in sorted(scalars)])
+
+
+def shard_from(
+    engine: Engine,
+    layout: StateLayout,
+    copies: list[torch.Tensor],
+    sampler: dict[str, Any] | None = None,
+    client_state: dict[str, Any] | None = None,
+    host: HostState | None = None,
+) -> RankShard:
+    """The RankShard whose ranges are views of `copies` (host copies of `layout.sources`).
+
+    `host` is the small host-side state (counters, RNG, param groups) taken when the copies
+    were; by default it is taken now."""
+    host = host or host_state(engine)
+    ranges = [
+        ParamRange(
+            r.name,
+            r.shape,
+            r.lo,
+            r.hi,
+            {k: copies[i][o : o + r.hi - r.lo] for k, (i, o) in r.parts.items()},
+            tp=r.tp,
+        )
+        for r in layout.ranges
+    ]
+    scalars: dict[int, dict[str, float]] = {}
+    for sc in layout.scalars:
+        value = sc.value if sc.source is None else float(copies[sc.source].reshape(-1)[0])
+        scalars.setdefault(sc.group, {})[sc.key] = value
+    ctx = engine.ctx
     return RankShard(
         # Global rank and world: every rank of the mesh writes its own file.
         rank=ctx.rank,
@@ -95,13 +175,50 @@ def capture(
         zero_stage=engine.plan.stage,
         ranges=ranges,
         tp_size=ctx.tp_size,
-        group_scalars=[scalars.get(i, {}) for i in range(len(groups))],
-        param_groups=[{k: v for k, v in g.items() if k != "params"} for g in groups],
-        engine=engine_counters(engine),
+        group_scalars=[scalars.get(i, {}) for i in range(host.n_groups)],
+        param_groups=host.param_groups,
+        engine=host.counters,
         sampler=sampler,
-        rng=rng_state(engine),
+        rng=host.rng,
         client_state=client_state or {},
     )
+
+
+@dataclass
+class HostState:
+    """The host-side part of a rank's state (small): taken when the tensors are copied."""
+
+    n_groups: int
+    param_groups: list[dict[str, Any]]
+    counters: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def host_state(engine: Engine) -> HostState:
+    groups = engine.zero.optimizer.param_groups
+    return HostState(
+        len(groups),
+        copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in groups]),
+        copy.deepcopy(engine_counters(engine)),
+        rng_state(engine),
+    )
+
+
+def capture(
+    engine: Engine,
+    sampler: dict[str, Any] | None = None,
+    client_state: dict[str, Any] | None = None,
+) -> RankShard:
+    """This rank's RankShard (tensors copied to CPU: the result is a snapshot).
+
+    Synchronous: the copies are read on the host (a device sync). Each range gets its own
+    fp32 tensor, so the shard pickles and saves range by range."""
+    engine.wait_for_params()
+    layout = state_layout(engine)
+    shard = shard_from(engine, layout, layout.sources, sampler, client_state)
+    for r in shard.ranges:
+        r.tensors = {k: v.float().cpu().clone() for k, v in r.tensors.items()}
+    return shard
 
 
 def engine_counters(engine: Engine) -> dict[str, Any]:
@@ -116,6 +233,7 @@ def engine_counters(engine: Engine) -> dict[str, Any]:
 
 def restore(engine: Engine, reader: RangeReader, load_optimizer: bool = True) -> dict[str, Any]:
     """Load the reader's checkpoint into `engine`'s current layout; returns the global state."""
+    engine.settle_state()
     ctx, opt = engine.ctx, engine.zero.optimizer
     segments = _segments(engine)
     specs = tp_slices(engine.module)

@@ -14,6 +14,7 @@ global (a rank of the data x tensor mesh), not data-parallel.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,3 +65,50 @@ class RankShard:
     sampler: dict[str, Any] | None = None
     rng: dict[str, Any] = field(default_factory=dict)  # this rank's RNG states
     client_state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PackedShard:
+    """A RankShard in the form it crosses processes in: a few flat byte arrays and ranges into
+    them, instead of one small tensor per range.
+
+    Ray serialises numpy arrays out of band (one copy into the object store, none out of it);
+    a torch tensor pickles its whole storage once per view, which for views of one buffer
+    would send the buffer once per range. `unpack` rebuilds the ranges as views.
+    """
+
+    shard: RankShard  # everything but the ranges (ranges == [])
+    arrays: list[Any]  # numpy uint8 arrays, the bytes of each flat source tensor
+    dtypes: list[torch.dtype]
+    # (name, whole shape, lo, hi, tp slice, {key: (array index, first element)})
+    ranges: list[tuple[str, tuple[int, ...], int, int, TPSlice | None, dict[str, tuple[int, int]]]]
+
+    @property
+    def step(self) -> int:
+        return int(self.shard.engine.get("global_steps", 0))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays)
+
+    def unpack(self) -> RankShard:
+        flats = []
+        for a, dtype in zip(self.arrays, self.dtypes, strict=True):
+            with warnings.catch_warnings():
+                # Arrays deserialised from Ray's object store are read-only views; the ranges
+                # are only read from (restore copies them into the engine's own tensors).
+                warnings.simplefilter("ignore", UserWarning)
+                flats.append(torch.from_numpy(a).view(dtype))
+        ranges = []
+        for name, shape, lo, hi, tp, parts in self.ranges:
+            tensors = {}
+            for key, (i, o) in parts.items():
+                view = flats[i][o : o + hi - lo]
+                tensors[key] = view if view.dtype == torch.float32 else view.float()
+            ranges.append(ParamRange(name, shape, lo, hi, tensors, tp=tp))
+        return RankShard(**{**self.shard.__dict__, "ranges": ranges})
+
+    def copy(self) -> PackedShard:
+        """The same shard in private (heap) arrays: a received one stops pinning the buffers
+        it arrived in."""
+        return PackedShard(self.shard, [a.copy() for a in self.arrays], self.dtypes, self.ranges)

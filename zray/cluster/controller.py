@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from zray.checkpoint.shard import RankShard
+from zray.checkpoint.shard import PackedShard
 from zray.cluster.group import GroupPoll, GroupStartError, WorkerGroup
 from zray.cluster.policy import Action, Decision, Failure, FailurePolicy
 from zray.cluster.state import RunState, check_transition
@@ -60,7 +60,9 @@ class RunStatus:
     state: RunState
     step: int = 0
     loss: float | None = None
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # all ranks, over the last ~20 s
+    mfu: float | None = None  # rank 0's model FLOPs utilisation over the same window
+    copy_interval: float = 0.0  # steps between rank 0's last two in-memory state copies
     world_size: int = 0
     restarts: int = 0
     resizes: int = 0
@@ -88,6 +90,7 @@ class Controller:
         scale_interval_s: float = 5.0,
         min_wait_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        held: Callable[[], dict[int, list[tuple[int, PackedShard]]]] | None = None,
     ) -> None:
         lo, hi = (num_workers, num_workers) if isinstance(num_workers, int) else num_workers
         self.min_workers, self.max_workers = lo, hi
@@ -97,6 +100,9 @@ class Controller:
         # Without a capacity probe (tests, fixed runs) the largest valid size is assumed to fit.
         self.capacity = capacity or (lambda current: self.valid_sizes[-1])
         self.scale_interval_s, self.min_wait_s, self.clock = scale_interval_s, min_wait_s, clock
+        # Copies of workers' state held outside the group (the controller's own, for a single
+        # worker): they survive the group.
+        self.held = held or dict
         self.state = RunState.INITIALIZING
         self.group: WorkerGroup | None = None
         self.restarts = 0
@@ -270,9 +276,12 @@ class Controller:
         if self._resize_started is None:
             self._resize_started = self.clock()
         snaps = self.group.snapshots()
-        self._resume = consistent_snapshot(snaps, old)
-        if self._resume is not None:
-            step = self._resume[0].engine.get("global_steps")
+        for rank, copies in self.held().items():
+            snaps.setdefault(rank, []).extend(copies)
+        found = consistent_snapshot(snaps, old)
+        self._resume = None
+        if found is not None:
+            step, self._resume = found
             self._note(f"recover from in-memory snapshots of step {step} (no disk read)")
         elif snaps:
             held = {r: sorted(step for step, _ in v) for r, v in sorted(snaps.items())}
@@ -324,6 +333,8 @@ class Controller:
             self.status.step = lead.step
         self.status.loss = lead.loss
         self.status.tokens_per_s = lead.tokens_per_s
+        self.status.mfu = lead.mfu
+        self.status.copy_interval = lead.copy_interval
         self.status.checkpoint_step = lead.checkpoint_step
         self.status.phase = lead.phase
         if self._step_at_failure is not None and lead.phase == "training":
@@ -350,15 +361,15 @@ class Controller:
 
 
 def consistent_snapshot(
-    snaps: dict[int, list[tuple[int, RankShard]]], world: int
-) -> list[RankShard] | None:
-    """Every rank's shard of the newest step that all `world` ranks have, or None."""
-    by_step: dict[int, dict[int, RankShard]] = {}
+    snaps: dict[int, list[tuple[int, PackedShard]]], world: int
+) -> tuple[int, list[PackedShard]] | None:
+    """The newest step whose copy every one of `world` ranks has, with the copies by rank."""
+    by_step: dict[int, dict[int, PackedShard]] = {}
     for rank, held in snaps.items():
-        for step, shard in held:
-            if shard.world_size == world:
-                by_step.setdefault(step, {})[rank] = shard
+        for step, packed in held:
+            if packed.shard.world_size == world:
+                by_step.setdefault(step, {})[rank] = packed
     for step in sorted(by_step, reverse=True):
         if len(by_step[step]) == world:
-            return [by_step[step][r] for r in range(world)]
+            return step, [by_step[step][r] for r in range(world)]
     return None

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import ray
 
+from zray.checkpoint.replica import ReplicaStore
+from zray.checkpoint.shard import PackedShard
 from zray.cluster.controller import Controller, RunStatus
 from zray.cluster.group import RayWorkerGroup
 from zray.cluster.policy import FailurePolicy
@@ -33,7 +35,7 @@ def free_worker_slots(use_gpu: bool) -> int:
     return int(free + 1e-9)
 
 
-@ray.remote(num_cpus=0, max_concurrency=2)
+@ray.remote(num_cpus=0, max_concurrency=4)
 class ControllerActor:
     def __init__(
         self,
@@ -48,6 +50,9 @@ class ControllerActor:
         plans, skipped = plan_run(cfg)
         for world, why in sorted(skipped.items()):
             log.warning("world size %d skipped: %s", world, why)
+        # A single worker's state copies are kept here: this actor outlives the worker.
+        self.replicas = ReplicaStore()
+        me = ray.get_runtime_context().current_actor
 
         def make_group(n: int) -> RayWorkerGroup:
             sized = dataclasses.replace(spec, config=config_for_world(cfg, plans[n]).to_dict())
@@ -56,7 +61,8 @@ class ControllerActor:
                 n,
                 run.use_gpu,
                 run.start_timeout_s,
-                replicas=run.replica_interval > 0 and n > 1,
+                replicas=run.replica_interval > 0,
+                solo_holder=me,
             )
 
         jsonl = Path(metrics_dir) / f"{run_name}.metrics.jsonl" if metrics_dir else None
@@ -74,6 +80,7 @@ class ControllerActor:
             capacity=lambda current: current + free_worker_slots(run.use_gpu),
             scale_interval_s=run.scale_interval_s,
             min_wait_s=run.min_wait_s,
+            held=self.replicas.held,
         )
         for world, why in sorted(skipped.items()):
             self.controller.status.decisions.append(f"skip world size {world}: {why}")
@@ -87,6 +94,10 @@ class ControllerActor:
 
     def status(self) -> RunStatus:
         return self.controller.status
+
+    def keep_replica(self, rank: int, step: int, packed: PackedShard) -> None:
+        """A single worker's state copy (see zray.checkpoint.replica)."""
+        self.replicas.keep(rank, step, packed)
 
     def close(self) -> None:
         """Stop serving metrics (the run is over and its last values were scraped or not)."""

@@ -11,7 +11,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from zray.checkpoint.shard import RankShard
+from zray.checkpoint.shard import PackedShard
 from zray.cluster.policy import Failure
 from zray.cluster.train_loop import Report, Resume, RunOutcome, RunSpec
 from zray.errors import ConfigError, ZrayError
@@ -36,9 +36,14 @@ class WorkerGroup(Protocol):
     size: int
 
     def start(self, resume: Resume, attempt: int) -> None: ...
+    def _holder(self, rank: int) -> Any:
+        if not self.replicas:
+            return None
+        return self.actors[(rank + 1) % self.size] if self.size > 1 else self.solo_holder
+
     def poll(self) -> GroupPoll: ...
     def request_pause(self) -> None: ...
-    def snapshots(self) -> dict[int, list[tuple[int, RankShard]]]: ...
+    def snapshots(self) -> dict[int, list[tuple[int, PackedShard]]]: ...
     def shutdown(self) -> None: ...
 
 
@@ -52,9 +57,13 @@ class RayWorkerGroup:
         use_gpu: bool,
         start_timeout_s: float,
         replicas: bool = False,
+        solo_holder: Any = None,
     ) -> None:
         self.spec, self.size, self.use_gpu, self.replicas = spec, size, use_gpu, replicas
         self.start_timeout_s = start_timeout_s
+        # Who keeps a copy of a single worker's state (the controller): with peers, each rank's
+        # copy goes to the next rank.
+        self.solo_holder = solo_holder
         self.pg: Any = None
         self.actors: list[Any] = []
         self.runs: list[Any] = []
@@ -99,20 +108,21 @@ class RayWorkerGroup:
             addr, port = ray.get(self.actors[0].rendezvous.remote(), timeout=self.start_timeout_s)
         except Exception as e:
             raise GroupStartError([Failure(0, "died", f"rendezvous failed: {e!r}")]) from e
+        if isinstance(resume, list):
+            # Into the object store once, not serialised again for every worker.
+            resume = [ray.put(resume)]
         self.runs = [
             actor.run.remote(
-                self.spec,
-                rank,
-                self.size,
-                addr,
-                port,
-                resume,
-                attempt,
-                self.actors if self.replicas else None,
+                self.spec, rank, self.size, addr, port, resume, attempt, self._holder(rank)
             )
             for rank, actor in enumerate(self.actors)
         ]
         self._finished = {}
+
+    def _holder(self, rank: int) -> Any:
+        if not self.replicas:
+            return None
+        return self.actors[(rank + 1) % self.size] if self.size > 1 else self.solo_holder
 
     def poll(self) -> GroupPoll:
         import ray
@@ -154,11 +164,11 @@ class RayWorkerGroup:
         for actor in self.actors:
             actor.request_pause.remote()
 
-    def snapshots(self) -> dict[int, list[tuple[int, RankShard]]]:
+    def snapshots(self) -> dict[int, list[tuple[int, PackedShard]]]:
         """In-memory snapshots held by the workers still alive, merged by rank."""
         import ray
 
-        merged: dict[int, list[tuple[int, RankShard]]] = {}
+        merged: dict[int, list[tuple[int, PackedShard]]] = {}
         for actor in self.actors:
             try:
                 held = ray.get(actor.snapshots.remote(), timeout=60)

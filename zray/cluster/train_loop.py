@@ -18,8 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from zray.checkpoint.async_saver import AsyncSaver
 from zray.checkpoint.engine_state import capture, restore
-from zray.checkpoint.shard import RankShard
+from zray.checkpoint.replica import Send, StateReplicator
+from zray.checkpoint.shard import PackedShard, RankShard
+from zray.checkpoint.writer import save_shard
 from zray.config import Config
 from zray.entrypoint import load_entry
 from zray.env import DistEnv
@@ -27,7 +30,7 @@ from zray.errors import ConfigError
 from zray.initialize import initialize
 from zray.metrics.worker import WorkerMetrics
 from zray.parallel.context import init_distributed
-from zray.zero import comm
+from zray.parallel.step_signals import StepSignals, StepValues
 
 
 @dataclass
@@ -49,11 +52,13 @@ class Report:
     pid: int
     node: str
     step: int = 0
-    loss: float | None = None  # the global mean loss of the last logged step
-    tokens_per_s: float = 0.0
+    loss: float | None = None  # the global mean loss of the newest step read (one step late)
+    tokens_per_s: float = 0.0  # all ranks, over the last RATE_WINDOW_S seconds
+    mfu: float | None = None  # model FLOPs utilisation over the same window (None: unknown)
     checkpoint_step: int | None = None
-    phase: str = "starting"  # starting | training | checkpointing | done
+    phase: str = "starting"  # starting | training | checkpointing | paused | done
     stage: int = 0
+    copy_interval: float = 0.0  # steps between this rank's last two state copies (0: none yet)
     metrics: dict[str, Any] = field(default_factory=dict)  # see zray.metrics.worker
 
 
@@ -66,6 +71,9 @@ class RunOutcome:
     tokens_per_s: float
     checkpoint: str | None
     world_size: int
+    # (step, seconds since this group started training) when the step's values were read back
+    # from the device, i.e. when the device had finished it (to within the host's own step).
+    step_times: list[tuple[int, float]] = field(default_factory=list)
     # A planned pause (a resize): every rank stopped after the same step and hands over its
     # state, which the next group restores from memory instead of disk.
     paused: bool = False
@@ -94,7 +102,16 @@ def _resolve(data: Any) -> Any:
     return data
 
 
+# The live rate is taken over this many seconds of recent steps (and at least two steps).
+RATE_WINDOW_S = 20.0
+
+
 class TrainLoop:
+    """One rank's training: the engine, its data, state copies, checkpoints and reports.
+
+    `send_copy` hands a state copy to the rank's holder (see zray.checkpoint.replica); None
+    turns copies off."""
+
     def __init__(
         self,
         spec: RunSpec,
@@ -104,19 +121,17 @@ class TrainLoop:
         master_port: int,
         resume: Resume,
         attempt: int = 0,
-        on_snapshot: Callable[[int, RankShard], None] | None = None,
+        send_copy: Send | None = None,
     ) -> None:
         self.spec, self.rank, self.world, self.attempt = spec, rank, world, attempt
         self.master_addr, self.master_port, self.resume = master_addr, master_port, resume
+        self.send_copy = send_copy
         self._report = Report(rank=rank, pid=os.getpid(), node=socket.gethostname())
         self._lock = threading.Lock()
-        # A pause asked for by the controller; the ranks agree on the step (see run()).
+        # A pause asked for by the controller; the ranks agree on the step (StepSignals).
         self._pause = threading.Event()
-        # The last two in-memory snapshots of this rank's state, (step, shard), newest last:
-        # with a peer's copy of the same steps they let a lost rank be rebuilt without disk.
-        self.snapshots: deque[tuple[int, RankShard]] = deque(maxlen=2)
-        self.on_snapshot = on_snapshot
-        self.history: list[tuple[int, float]] = []  # (step, global mean loss) before resuming
+        self.copies: StateReplicator | None = None
+        self.losses = LossLog()  # (step, global mean loss), the resumed history first
 
     def request_pause(self) -> None:
         self._pause.set()
@@ -125,14 +140,25 @@ class TrainLoop:
         with self._lock:
             return self._report
 
+    def snapshots(self) -> list[tuple[int, PackedShard]]:
+        """This rank's complete in-memory copies of its state (for recovery)."""
+        return self.copies.snapshots() if self.copies is not None else []
+
     def _set(self, **changes: Any) -> None:
         with self._lock:
             self._report = Report(**{**self._report.__dict__, **changes})
 
     def run(self) -> RunOutcome:
-        from zray.checkpoint.async_saver import AsyncSaver
-        from zray.checkpoint.writer import save_shard
+        try:
+            return self._run()
+        finally:
+            self.losses.close()
+            if self.copies is not None:
+                self.copies.close()
+
+    def _run(self) -> RunOutcome:
         from zray.data.loader import RankBatches
+        from zray.data.prefetch import Prefetcher
         from zray.data.sampler import GlobalBatchSampler
         from zray.data.sources import as_source
 
@@ -155,39 +181,59 @@ class TrainLoop:
         source = as_source(_resolve(self.spec.data))
         sampler = GlobalBatchSampler(len(source), b.train_batch_size, seed=run.seed)
         metrics = WorkerMetrics(*_flops_and_peak(model, source, engine))
+        last_ckpt: str | None = self.resume if isinstance(self.resume, str) else None
         if self.resume:
-            t_load = time.perf_counter()
-            reader = _reader(self.resume)
-            glob = restore(engine, reader)
-            metrics.checkpoint_loaded(time.perf_counter() - t_load)
-            if glob.get("sampler"):
-                sampler.load_state_dict(glob["sampler"])
-            # The loss history of the steps this state has behind it (rolled-back steps are
-            # not in it): a resumed or resized run reports one continuous history.
-            history = ((reader.rank_state(0) or {}).get("client_state") or {}).get("losses")
-            self.history = [(int(a), float(b)) for a, b in history or []]
-        batches = RankBatches(
-            source,
-            sampler,
-            ctx.dp_rank,
-            ctx.dp_size,
-            b.micro_batch_per_gpu,
-            b.gradient_accumulation_steps,
+            self._restore(engine, sampler, metrics)
+        data = Prefetcher(
+            RankBatches(
+                source,
+                sampler,
+                ctx.dp_rank,
+                ctx.dp_size,
+                b.micro_batch_per_gpu,
+                b.gradient_accumulation_steps,
+                "cpu",
+            ),
             ctx.device,
         )
-        counted = _CountTokens(batches)
+        counted = _CountTokens(data)
+        signals = StepSignals(ctx)
+        if run.replica_interval and self.send_copy is not None:
+            self.copies = StateReplicator(
+                engine,
+                run.replica_interval,
+                self.send_copy,
+                self.losses.client_state_through,
+                generations=2 if self.world > 1 else 1,
+                budget_bytes=_host_budget(ctx),
+            )
+        copies = self.copies
         max_steps = run.max_steps or 100
         root = run.checkpoint_dir
         saver = AsyncSaver() if run.async_checkpoint else None
-        losses: list[tuple[int, float]] = list(self.history)
-        last_ckpt: str | None = self.resume if isinstance(self.resume, str) else None
+        rate = _Rate(ctx.dp_size)
         t0 = time.perf_counter()
         self._set(phase="training", step=engine.global_steps, stage=engine.plan.stage)
+        votes: StepValues | None = None  # the newest values read: they decide the next step
+        step_times: list[tuple[int, float]] = []
+
+        def read(values: list[StepValues]) -> None:
+            nonlocal votes
+            now = time.perf_counter() - t0
+            for v in values:
+                step_times.append((v.step, now))
+                keep = v.step % run.log_interval == 0 or v.step == max_steps
+                self.losses.record(v.step, v.loss, keep)
+                votes = v
+            if values:
+                metrics.logged(engine, values[-1].loss, values[-1].grad_norm)
 
         def checkpoint(step: int) -> str:
             self._set(phase="checkpointing")
             t_save = time.perf_counter()
-            shard = capture(engine, sampler=batches.state_dict(), client_state=_hist(losses))
+            shard = capture(
+                engine, sampler=data.state_dict(), client_state=self.losses.client_state()
+            )
             nbytes = sum(
                 t.numel() * t.element_size() for r in shard.ranges for t in r.tensors.values()
             )
@@ -209,84 +255,197 @@ class TrainLoop:
 
         samples_per_step = b.micro_batch_per_gpu * b.gradient_accumulation_steps
         t_step = time.perf_counter()
-        while engine.global_steps < max_steps:
-            tokens_before = counted.tokens
-            local = engine.train_batch(counted, loss_fn=self.spec.loss)
-            step = engine.global_steps
-            now = time.perf_counter()
-            # Host wall time between steps: on CUDA the host runs ahead of the device between
-            # the syncs of logging steps, so single values jitter; their average is right.
-            metrics.step(
-                engine,
-                now - t_step,
-                counted.tokens - tokens_before,
-                samples_per_step,
-                batches.total_fetch_seconds,
-            )
-            t_step = now
-            pause = False
-            if step % run.log_interval == 0 or step == max_steps:
-                # The global mean loss and the pause vote in one tiny all-reduce (and one host
-                # sync) per logged step: every rank sees the same vote, so all stop together.
-                total = torch.stack(
-                    [
-                        local.detach().float().reshape(()).cpu(),
-                        torch.tensor(float(self._pause.is_set())),
-                    ]
+        try:
+            while engine.global_steps < max_steps:
+                tokens_before = counted.tokens
+                local = engine.train_batch(counted, loss_fn=self.spec.loss)
+                step = engine.global_steps
+                now = time.perf_counter()
+                step_s = now - t_step
+                t_step = now
+                metrics.step(
+                    engine,
+                    step_s,
+                    counted.tokens - tokens_before,
+                    samples_per_step,
+                    data.fetch_seconds,
+                    data.wait_seconds,
                 )
-                total = total.to(ctx.device)
-                comm.all_reduce_sum(total, ctx.dp_group).wait()
-                value, votes = float(total[0].item()) / ctx.dp_size, float(total[1].item())
-                pause = votes > 0 and step < max_steps
-                losses.append((step, value))
-                rate = counted.tokens * ctx.dp_size / (time.perf_counter() - t0)
-                metrics.logged(engine, value)
-                self._set(step=step, loss=value, tokens_per_s=rate, metrics=metrics.snapshot())
-            else:
-                self._set(step=step, metrics=metrics.snapshot())
-            if run.replica_interval and step % run.replica_interval == 0 and step < max_steps:
-                self._snapshot(engine, batches, step, losses)
-            if pause:
-                self._set(phase="paused")
-                return RunOutcome(
-                    steps=step,
-                    losses=losses,
-                    tokens_per_s=0.0,
-                    checkpoint=last_ckpt,
-                    world_size=ctx.dp_size,
-                    paused=True,
-                    handover=capture(
-                        engine, sampler=batches.state_dict(), client_state=_hist(losses)
-                    ),
+                # The values of the step before (all ranks' sums): the pause and copy votes
+                # they carry decide what happens after this step, on every rank alike.
+                read(signals.take(through=step - signals.lag))
+                decided = votes if votes is not None and votes.step == step - 1 else None
+                pause = decided is not None and decided.pause and step < max_steps
+                if copies is not None:
+                    if (
+                        decided is not None
+                        and decided.copy_ready
+                        and step < max_steps
+                        and not pause
+                    ):
+                        copies.capture(step, data.state_dict())
+                    metrics.copies(copies.stats)
+                ready = copies is not None and copies.ready(step + 1, rate.seconds_per_step())
+                signals.push(step, local, engine.last_grad_norm, self._pause.is_set(), ready)
+                rate.add(now, counted.tokens)
+                self._set(
+                    step=step,
+                    loss=self.losses.newest(),
+                    tokens_per_s=rate.tokens_per_s(),
+                    mfu=metrics.mfu(rate.tokens_per_s() / ctx.dp_size),
+                    copy_interval=copies.stats.interval if copies is not None else 0.0,
+                    metrics=metrics.snapshot(),
                 )
-            if (
-                root
-                and run.checkpoint_interval
-                and step % run.checkpoint_interval == 0
-                and step < max_steps
-            ):
-                last_ckpt = checkpoint(step)
-        if root:
-            last_ckpt = checkpoint(engine.global_steps)
-        if saver is not None:
-            saver.wait()
-        self._set(phase="done")
+                if pause:
+                    read(signals.drain())
+                    self._set(phase="paused", loss=self.losses.newest())
+                    return RunOutcome(
+                        steps=step,
+                        losses=self.losses.items(),
+                        tokens_per_s=0.0,
+                        checkpoint=last_ckpt,
+                        world_size=ctx.dp_size,
+                        step_times=step_times,
+                        paused=True,
+                        handover=capture(
+                            engine,
+                            sampler=data.state_dict(),
+                            client_state=self.losses.client_state(),
+                        ),
+                    )
+                if (
+                    root
+                    and run.checkpoint_interval
+                    and step % run.checkpoint_interval == 0
+                    and step < max_steps
+                ):
+                    read(signals.drain())
+                    last_ckpt = checkpoint(step)
+            read(signals.drain())
+            if root:
+                last_ckpt = checkpoint(engine.global_steps)
+            if saver is not None:
+                saver.wait()
+        finally:
+            data.close()
+        self._set(phase="done", loss=self.losses.newest(), metrics=metrics.snapshot())
         return RunOutcome(
             steps=engine.global_steps,
-            losses=losses,
+            losses=self.losses.items(),
             tokens_per_s=counted.tokens * ctx.dp_size / max(time.perf_counter() - t0, 1e-9),
             checkpoint=last_ckpt,
             world_size=ctx.dp_size,
+            step_times=step_times,
         )
 
-    def _snapshot(
-        self, engine: Any, batches: Any, step: int, losses: list[tuple[int, float]]
-    ) -> None:
-        """Keep this rank's state of `step` in host memory and send a copy to its peer."""
-        shard = capture(engine, sampler=batches.state_dict(), client_state=_hist(losses))
-        self.snapshots.append((step, shard))
-        if self.on_snapshot is not None:
-            self.on_snapshot(step, shard)
+    def _restore(self, engine: Any, sampler: Any, metrics: WorkerMetrics) -> None:
+        t_load = time.perf_counter()
+        reader = _reader(self.resume)
+        glob = restore(engine, reader)
+        metrics.checkpoint_loaded(time.perf_counter() - t_load)
+        if glob.get("sampler"):
+            sampler.load_state_dict(glob["sampler"])
+        # The loss history of the steps this state has behind it (rolled-back steps are not
+        # in it): a resumed or resized run reports one continuous history.
+        history = ((reader.rank_state(0) or {}).get("client_state") or {}).get("losses")
+        for a, b in history or []:
+            self.losses.record(int(a), float(b))
+
+
+class LossLog:
+    """The run's loss history: (step, global mean loss) of the steps it keeps (every
+    `log_interval`-th and the last), in step order, appended by the training thread as the
+    values are read. The copy thread waits here until the history a copy carries is known."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[int, float]] = []
+        self._through = -1  # the newest step whose loss has been read
+        self._newest: float | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def record(self, step: int, loss: float, keep: bool = True) -> None:
+        with self._cond:
+            if keep:
+                self._items.append((step, loss))
+            self._through, self._newest = step, loss
+            self._cond.notify_all()
+
+    def items(self) -> list[tuple[int, float]]:
+        with self._cond:
+            return list(self._items)
+
+    def newest(self) -> float | None:
+        with self._cond:
+            return self._newest
+
+    def client_state(self) -> dict[str, Any]:
+        return _hist(self.items())
+
+    def client_state_through(self, step: int) -> dict[str, Any] | None:
+        """The client state of `step` once its loss is read; None if the log closes first."""
+        with self._cond:
+            while not self._closed and self._through < step:
+                self._cond.wait(timeout=1.0)
+            if self._through < step:
+                return None
+            return _hist([(s, v) for s, v in self._items if s <= step])
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class _Rate:
+    """Tokens/s over the last RATE_WINDOW_S seconds of steps (all data-parallel ranks)."""
+
+    def __init__(self, dp_size: int) -> None:
+        self.dp_size = dp_size
+        self._points: deque[tuple[float, int]] = deque()
+
+    def add(self, t: float, tokens: int) -> None:
+        self._points.append((t, tokens))
+        while len(self._points) > 2 and t - self._points[1][0] >= RATE_WINDOW_S:
+            self._points.popleft()
+
+    def tokens_per_s(self) -> float:
+        if len(self._points) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._points[0], self._points[-1]
+        return (n1 - n0) * self.dp_size / (t1 - t0) if t1 > t0 else 0.0
+
+    def seconds_per_step(self) -> float:
+        if len(self._points) < 2:
+            return 0.0
+        return (self._points[-1][0] - self._points[0][0]) / (len(self._points) - 1)
+
+
+def _host_budget(ctx: Any) -> int | None:
+    """Host bytes this rank's state copies may take: half the memory available on its host
+    now, shared by the ranks on that host (a one-time gather of host names)."""
+    import torch.distributed as dist
+
+    available = _mem_available()
+    if available is None:
+        return None
+    name = socket.gethostname()
+    names = [name]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        names = [""] * dist.get_world_size()
+        dist.all_gather_object(names, name)
+    return int(available * 0.5 / max(1, names.count(name)))
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _hist(losses: list[tuple[int, float]]) -> dict[str, Any]:
@@ -304,7 +463,11 @@ def _reader(resume: Resume) -> Any:
     if isinstance(resume, str):
         return CheckpointReader(resume)
     assert resume is not None
-    return MemoryReader([_resolve(s) for s in resume])
+    shards: list[Any] = []
+    for item in resume:  # shards, refs to shards, or a ref to the whole list
+        item = _resolve(item)
+        shards.extend(item if isinstance(item, list) else [item])
+    return MemoryReader([s.unpack() if isinstance(s, PackedShard) else s for s in shards])
 
 
 def _flops_and_peak(model: nn.Module, source: Any, engine: Any) -> tuple[float, float]:

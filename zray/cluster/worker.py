@@ -7,26 +7,33 @@ collective whose peer has died.
 
 from __future__ import annotations
 
-import threading
-from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import ray
 
-from zray.checkpoint.shard import RankShard
+from zray.checkpoint.replica import ReplicaStore
+from zray.checkpoint.shard import PackedShard
 from zray.cluster.train_loop import Report, Resume, RunOutcome, RunSpec, TrainLoop
 from zray.launch import free_port
+
+
+def send_to(holder: Any, rank: int) -> Callable[[int, PackedShard], Callable[[], None]]:
+    """A TrainLoop `send_copy` that hands copies to `holder`'s keep_replica (an actor)."""
+
+    def send(step: int, packed: PackedShard) -> Callable[[], None]:
+        ref = holder.keep_replica.remote(rank, step, packed)
+        return lambda: ray.get(ref)
+
+    return send
 
 
 @ray.remote(max_concurrency=4)
 class Worker:
     def __init__(self) -> None:
         self.loop: TrainLoop | None = None
-        self._lock = threading.Lock()
-        # A peer's last two snapshots, (step, shard), by the peer's rank: this worker's copy
-        # survives the peer's death (Ray deserialised it into this process's memory).
-        self.replicas: dict[int, deque[tuple[int, RankShard]]] = {}
+        self.replicas = ReplicaStore()
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port on it: rank 0's process group store."""
@@ -42,18 +49,10 @@ class Worker:
         master_port: int,
         resume: Resume,
         attempt: int,
-        peers: list[Any] | None = None,
+        holder: Any = None,
     ) -> RunOutcome:
-        on_snapshot = None
-        if peers is not None and len(peers) > 1:
-            peer = peers[(rank + 1) % len(peers)]
-
-            def on_snapshot(step: int, shard: RankShard) -> None:
-                peer.keep_replica.remote(rank, step, shard)  # fire and forget
-
-        self.loop = TrainLoop(
-            spec, rank, world, master_addr, master_port, resume, attempt, on_snapshot
-        )
+        send = send_to(holder, rank) if holder is not None else None
+        self.loop = TrainLoop(spec, rank, world, master_addr, master_port, resume, attempt, send)
         return self.loop.run()
 
     def report(self) -> Report | None:
@@ -66,14 +65,12 @@ class Worker:
         if self.loop is not None:
             self.loop.request_pause()
 
-    def keep_replica(self, rank: int, step: int, shard: RankShard) -> None:
-        with self._lock:
-            self.replicas.setdefault(rank, deque(maxlen=2)).append((step, shard))
+    def keep_replica(self, rank: int, step: int, packed: PackedShard) -> None:
+        self.replicas.keep(rank, step, packed)
 
-    def snapshots(self) -> dict[int, list[tuple[int, RankShard]]]:
-        """Every snapshot this process holds: its own rank's and its peer's, by rank."""
-        with self._lock:
-            out = {r: list(d) for r, d in self.replicas.items()}
+    def snapshots(self) -> dict[int, list[tuple[int, PackedShard]]]:
+        """Every complete copy this process holds: its own rank's and its peer's, by rank."""
+        out = self.replicas.held()
         if self.loop is not None:
-            out.setdefault(self.loop.rank, []).extend(self.loop.snapshots)
+            out.setdefault(self.loop.rank, []).extend(self.loop.snapshots())
         return out

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from zray.checkpoint.replica import ReplicaStats
     from zray.engine import Engine
 
 Snapshot = dict[str, float | dict[str, float]]
@@ -38,11 +39,18 @@ class WorkerMetrics:
             "zray_skipped_steps_total": 0.0,
             "zray_checkpoint_bytes_total": 0.0,
             "zray_data_seconds_total": 0.0,
+            "zray_data_wait_seconds_total": 0.0,
         }
         self._peak_rss = 0.0
 
     def step(
-        self, engine: Engine, seconds: float, tokens: int, samples: int, data_seconds_total: float
+        self,
+        engine: Engine,
+        seconds: float,
+        tokens: int,
+        samples: int,
+        data_seconds_total: float,
+        data_wait_seconds_total: float = 0.0,
     ) -> None:
         """After each optimizer step (no host sync: only Python numbers are read)."""
         v = self.values
@@ -60,17 +68,33 @@ class WorkerMetrics:
         v["zray_loss_scale"] = float(engine.loss_scale)
         v["zray_skipped_steps_total"] = float(engine.skipped_steps)
         v["zray_data_seconds_total"] = data_seconds_total
+        v["zray_data_wait_seconds_total"] = data_wait_seconds_total
         stats = engine.ctx.comm_stats
         v["zray_comm_calls_total"] = {k: float(n) for k, n in stats.calls.items()}
         v["zray_comm_bytes_total"] = {k: float(n) for k, n in stats.bytes.items()}
         v["zray_comm_seconds_total"] = dict(stats.seconds)
 
-    def logged(self, engine: Engine, loss: float) -> None:
-        """At logging steps, where reading device values (a host sync) is already paid for."""
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """MFU of one device training `tokens_per_s` (None where the peak is unknown)."""
+        if self.peak_tflops <= 0 or self.flops_per_token <= 0:
+            return None
+        return self.flops_per_token * tokens_per_s / 1e12 / self.peak_tflops
+
+    def copies(self, stats: ReplicaStats) -> None:
+        """The state copies' counters (zray.checkpoint.replica)."""
+        v = self.values
+        v["zray_replica_copies_total"] = float(stats.copies)
+        v["zray_replica_interval_steps"] = stats.interval
+        v["zray_replica_stall_seconds_total"] = stats.stall_seconds
+        if stats.newest_step is not None:
+            v["zray_replica_step"] = float(stats.newest_step)
+
+    def logged(self, engine: Engine, loss: float, grad_norm: float | None = None) -> None:
+        """When a step's values are read (one step late, with no host sync of their own)."""
         v = self.values
         v["zray_loss"] = loss
-        if engine.last_grad_norm is not None:
-            v["zray_grad_norm"] = float(engine.last_grad_norm.item())
+        if grad_norm is not None:
+            v["zray_grad_norm"] = grad_norm
         v["zray_state_bytes"] = {k: float(b) for k, b in engine.memory_breakdown().items()}
         if engine.ctx.is_cuda:
             dev = engine.ctx.device

@@ -1,0 +1,229 @@
+"""What `zray.fit` costs over the engine alone: the same model, config and data both ways.
+
+    python benchmarks/fit_overhead.py --device cuda --size gpt_125m --seq 1024 --micro-batch 8 \
+        --stage 2 --steps 60 --warmup 20 --replica default 1 --out fit_125m.json
+    python benchmarks/fit_overhead.py --device cpu --workers 4 --size tiny \
+        --model-kwargs '{"vocab_size": 16384, "d_model": 512, "n_layer": 14, "n_head": 8}' \
+        --seq 128 --micro-batch 1 --stage 2 --steps 16 --warmup 4 --out fit_cpu.json
+
+engine: `python -m zray.launch --nproc N` runs this file as a plain script: zray.initialize and
+`engine.train_batch` over micro-batches already on the device (the same rows, in the same order,
+as fit reads them: the same Parquet file, sampler and seed), timed with a device sync at the end
+of warm-up and at the end. fit: `zray.fit` on an embedded Ray cluster with that config and file;
+its steady-state rate comes from rank 0's `FitResult.step_times` (when each step's values came
+back from the device) over the same steps. Each `--replica` value is one fit run
+(`default` leaves zray.replica_interval unset); the achieved copy interval is reported.
+
+Prints a table (tokens/s of both, the ratio, the copy interval) and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+
+def ds_config(args: argparse.Namespace) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": args.micro_batch * args.workers,
+        "gradient_clipping": 1.0,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+        },
+        "zero_optimization": {"stage": args.stage},
+        "steps_per_print": 10**9,
+    }
+    if args.device == "cuda":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"size": args.size, "seq_len": args.seq, **json.loads(args.model_kwargs)}
+
+
+def tokens_per_step(args: argparse.Namespace) -> int:
+    return args.micro_batch * args.workers * args.seq
+
+
+# ---- the engine alone (one process per rank, under zray.launch) ---------------------------------
+
+
+def engine_worker(args: argparse.Namespace) -> None:
+    import zray
+    from zray.data import GlobalBatchSampler, RankBatches, as_source
+    from zray.models.gpt import build
+
+    ctx = zray.init_distributed(backend="nccl" if args.device == "cuda" else "gloo")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build(**model_kwargs(args))
+    engine, *_ = zray.initialize(model=model, config=ds_config(args))
+    b = engine.batch
+    source = as_source(args.data)
+    sampler = GlobalBatchSampler(len(source), b.train_batch_size, seed=0)
+    rows = RankBatches(source, sampler, ctx.dp_rank, ctx.dp_size, b.micro_batch_per_gpu, 1, "cpu")
+    # Every micro-batch on the device before timing: the engine's speed without any data cost.
+    batches = [{k: v.to(ctx.device) for k, v in next(rows).items()} for _ in range(args.steps)]
+    it = iter(batches)
+
+    def sync() -> None:
+        if ctx.is_cuda:
+            torch.cuda.synchronize()
+        if ctx.is_distributed:
+            torch.distributed.barrier()
+
+    sync()
+    t_start = time.perf_counter()
+    t_warm = t_start
+    loss = None
+    for step in range(1, args.steps + 1):
+        loss = engine.train_batch(it)
+        if step == args.warmup:
+            sync()
+            t_warm = time.perf_counter()
+    sync()
+    t_end = time.perf_counter()
+    if ctx.rank == 0:
+        steady = (args.steps - args.warmup) * tokens_per_step(args) / (t_end - t_warm)
+        out = {
+            "tokens_per_s": steady,
+            "tokens_per_s_with_warmup": args.steps * tokens_per_step(args) / (t_end - t_start),
+            "final_loss": float(loss) if loss is not None else None,
+        }
+        with open(args.result, "w") as f:
+            json.dump(out, f)
+
+
+def run_engine(args: argparse.Namespace, data: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "engine.json")
+        cmd = [
+            sys.executable,
+            "-m",
+            "zray.launch",
+            "--nproc",
+            str(args.workers),
+            os.path.abspath(__file__),
+            *sys.argv[1:],
+            "--as-engine-worker",
+            "--data",
+            data,
+            "--result",
+            result,
+        ]
+        env = dict(os.environ)
+        if args.device == "cpu":
+            env["OMP_NUM_THREADS"] = str(args.threads)  # as Ray sets it for a 1-CPU actor
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        with open(result) as f:
+            out = json.load(f)
+        out["wall_s"] = time.perf_counter() - t0
+        return out
+
+
+# ---- zray.fit --------------------------------------------------------------------------------
+
+
+def run_fit(args: argparse.Namespace, data: str, replica: str) -> dict[str, Any]:
+    import zray
+
+    cfg = ds_config(args)
+    run: dict[str, Any] = {
+        "model": "zray.models.gpt:build",
+        "model_kwargs": model_kwargs(args),
+        "num_workers": args.workers,
+        "use_gpu": args.device == "cuda",
+        "max_steps": args.steps,
+        "metrics_port": None,
+    }
+    if replica != "default":
+        run["replica_interval"] = int(replica)
+    cfg["zray"] = run
+    t0 = time.perf_counter()
+    result = zray.fit(config=cfg, data=data, progress=False)
+    wall = time.perf_counter() - t0
+    return {
+        "replica": replica,
+        "tokens_per_s": result.steady_tokens_per_s(args.warmup, tokens_per_step(args)),
+        "tokens_per_s_with_warmup": result.tokens_per_s,
+        "copy_interval": result.copy_interval,
+        "final_loss": result.final_loss,
+        "restarts": result.restarts,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per CPU worker")
+    p.add_argument("--size", default="gpt_125m")
+    p.add_argument("--model-kwargs", default="{}", help="GPTConfig overrides, JSON")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--samples", type=int, default=0, help="rows of data (default: enough)")
+    p.add_argument("--replica", nargs="+", default=["default"], help="default, 0, 1, ...")
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--out", default="")
+    p.add_argument("--as-engine-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--data", default="", help=argparse.SUPPRESS)
+    p.add_argument("--result", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.as_engine_worker:
+        engine_worker(args)
+        return
+
+    from zray.data import lm_tokens_table, write_parquet
+    from zray.models.data import synthetic_tokens
+    from zray.models.gpt import build
+
+    vocab = build(**model_kwargs(args)).cfg.vocab_size
+    samples = args.samples or args.micro_batch * args.workers * (args.steps + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "tokens.parquet")
+        write_parquet(lm_tokens_table(synthetic_tokens(samples, args.seq, vocab, seed=1)), data)
+        rows: dict[str, Any] = {"args": vars(args), "fit": []}
+        if not args.skip_engine:
+            rows["engine"] = run_engine(args, data)
+        for replica in args.replica:
+            rows["fit"].append(run_fit(args, data, replica))
+    rows["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    rows["date"] = time.strftime("%Y-%m-%d")
+    engine_rate = rows.get("engine", {}).get("tokens_per_s", float("nan"))
+    print(
+        f"\n{args.size} seq {args.seq} mb {args.micro_batch} stage {args.stage} "
+        f"workers {args.workers} ({rows['device']}), steady state over steps "
+        f"{args.warmup + 1}-{args.steps}"
+    )
+    print(f"{'run':<22} {'tokens/s':>12} {'x engine':>9} {'copy interval':>14}")
+    print(f"{'engine':<22} {engine_rate:>12,.0f} {1.0:>9.3f} {'-':>14}")
+    for r in rows["fit"]:
+        interval = f"{r['copy_interval']:.1f}" if r["copy_interval"] else "-"
+        name = f"fit replica={r['replica']}"
+        ratio = r["tokens_per_s"] / engine_rate
+        print(f"{name:<22} {r['tokens_per_s']:>12,.0f} {ratio:>9.3f} {interval:>14}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
