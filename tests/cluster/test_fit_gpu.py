@@ -64,5 +64,7 @@ def test_a_killed_gpu_worker_resumes_from_the_controllers_copy(parquet_tokens: P
 
     run = zray.fit(config=cfg, data=str(parquet_tokens), progress=kill)
     assert killed and run.restarts == 1 and run.steps == 300
-    assert any(d.startswith("recover from in-memory snapshots") for d in run.decisions), run.decisions
+    assert any(d.startswith("recover from in-memory snapshots") for d in run.decisions), (
+        run.decisions
+    )
     assert [s for s, _ in run.losses] == list(range(1, 301))

@@ -72,7 +72,7 @@ def copy_and_race(stage: int, fence: bool) -> tuple[list[torch.Tensor], PackedSh
         assert time.monotonic() < end
         time.sleep(0.01)
     torch.cuda.synchronize()
-    (_, packed), = store.held()[0]
+    ((_, packed),) = store.held()[0]
     rep.close()
     return [c.cpu() for c in clones], packed
 
