@@ -164,6 +164,8 @@ def run_fit(args: argparse.Namespace, data: str, replica: str) -> dict[str, Any]
         "final_loss": result.final_loss,
         "restarts": result.restarts,
         "wall_s": wall,
+        "copy_stats": result.copy_stats,
+        "step_times": result.step_times,
     }
 
 
@@ -186,6 +188,7 @@ def main() -> None:
     p.add_argument("--as-engine-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # zray.launch
     args = p.parse_args()
     if args.as_engine_worker:
         engine_worker(args)

@@ -44,6 +44,7 @@ class FitResult:
     # step was done on the device; and the steps between its last two state copies.
     step_times: list[tuple[int, float]] = field(default_factory=list)
     copy_interval: float = 0.0
+    copy_stats: dict[str, Any] = field(default_factory=dict)  # rank 0's ReplicaStats
 
     def steady_tokens_per_s(self, skip: int, tokens_per_step: int) -> float:
         """Tokens/s over the steps after the first `skip` of the last group (warm-up out)."""
@@ -241,6 +242,7 @@ def fit(
             metrics_url=status.metrics_url,
             step_times=outcome.step_times,
             copy_interval=status.copy_interval,
+            copy_stats=outcome.copy_stats,
         )
     finally:
         if started:

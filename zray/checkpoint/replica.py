@@ -41,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,9 +62,6 @@ log = logging.getLogger("zray.replica")
 
 # The share of step time that waiting for copies may take, averaged over the interval.
 STALL_BUDGET = 0.01
-# Page-locking is done in pieces of this size: each call is short, so other CUDA calls (the
-# training thread's launches) are not held up behind one long registration.
-_PIN_CHUNK = 256 << 20
 _ALIGN = 4096
 
 # send(step, packed) starts the transfer to the holder and returns a function that blocks
@@ -93,6 +90,11 @@ class ReplicaStats:
     send_seconds: float = 0.0  # the last copy's time from complete here to acknowledged
     nbytes: int = 0  # bytes of one copy
     off_reason: str | None = None
+    started: list[int] = field(default_factory=list)  # steps copies started at (the last 1000)
+    last_stall_seconds: float = 0.0  # the newest measured wait for one copy
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "started": list(self.started)}
 
 
 @dataclass
@@ -203,8 +205,9 @@ class StateReplicator:
                 done.record(self._side)
             self.engine.fence_state(lambda: self._fence(stream, done))
         else:
-            self._last_stall = stall
+            self._last_stall = self.stats.last_stall_seconds = stall
         self.stats.stall_seconds += stall
+        self.stats.started = [*self.stats.started[-999:], step]
         self._last_capture = step
         self.phase = CopyPhase.COPYING
         self._jobs.put(_Job(step, buf, host, sampler, begin, done))
@@ -224,6 +227,7 @@ class StateReplicator:
             before, after = self._fences.pop(0)
             self._last_stall = before.elapsed_time(after) / 1e3
             self.stats.stall_seconds += self._last_stall
+            self.stats.last_stall_seconds = self._last_stall
 
     def snapshots(self) -> list[tuple[int, PackedShard]]:
         """This rank's complete copies, oldest first (any thread)."""
@@ -353,16 +357,12 @@ def _allocate(layout: StateLayout, pin: bool) -> _Buffer:
     region = raw[skip : skip + total]
     pinned: list[int] = []
     if pin and total:
-        cudart = torch.cuda.cudart()
-        for lo in range(0, total, _PIN_CHUNK):
-            n = min(_PIN_CHUNK, total - lo)
-            ptr = region.data_ptr() + lo
-            rc = int(cudart.cudaHostRegister(ptr, n, 0))
-            if rc != 0:
-                for p in pinned:
-                    cudart.cudaHostUnregister(p)
-                raise RuntimeError(f"cudaHostRegister of {n} bytes failed (cudaError {rc})")
-            pinned.append(ptr)
+        # One registration for the whole region: a copy whose host range spans two separate
+        # registrations fails with "invalid argument".
+        rc = int(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), total, 0))
+        if rc != 0:
+            raise RuntimeError(f"cudaHostRegister of {total} bytes failed (cudaError {rc})")
+        pinned.append(region.data_ptr())
     flats = [
         region[o : o + s.numel() * s.element_size()].view(s.dtype)
         for o, s in zip(offsets, layout.sources, strict=True)

@@ -74,6 +74,7 @@ class RunOutcome:
     # (step, seconds since this group started training) when the step's values were read back
     # from the device, i.e. when the device had finished it (to within the host's own step).
     step_times: list[tuple[int, float]] = field(default_factory=list)
+    copy_stats: dict[str, Any] = field(default_factory=dict)  # ReplicaStats.as_dict()
     # A planned pause (a resize): every rank stopped after the same step and hands over its
     # state, which the next group restores from memory instead of disk.
     paused: bool = False
@@ -104,6 +105,9 @@ def _resolve(data: Any) -> Any:
 
 # The live rate is taken over this many seconds of recent steps (and at least two steps).
 RATE_WINDOW_S = 20.0
+# The report the controller polls (every zray.poll_interval_s) is refreshed this often: building
+# it every step would cost a small model's step a noticeable share of its host time.
+REPORT_EVERY_S = 0.1
 
 
 class TrainLoop:
@@ -226,7 +230,7 @@ class TrainLoop:
                 self.losses.record(v.step, v.loss, keep)
                 votes = v
             if values:
-                metrics.logged(engine, values[-1].loss, values[-1].grad_norm)
+                metrics.logged(values[-1].loss, values[-1].grad_norm)
 
         def checkpoint(step: int) -> str:
             self._set(phase="checkpointing")
@@ -255,6 +259,7 @@ class TrainLoop:
 
         samples_per_step = b.micro_batch_per_gpu * b.gradient_accumulation_steps
         t_step = time.perf_counter()
+        last_report = 0.0
         try:
             while engine.global_steps < max_steps:
                 tokens_before = counted.tokens
@@ -276,26 +281,15 @@ class TrainLoop:
                 read(signals.take(through=step - signals.lag))
                 decided = votes if votes is not None and votes.step == step - 1 else None
                 pause = decided is not None and decided.pause and step < max_steps
-                if copies is not None:
-                    if (
-                        decided is not None
-                        and decided.copy_ready
-                        and step < max_steps
-                        and not pause
-                    ):
-                        copies.capture(step, data.state_dict())
-                    metrics.copies(copies.stats)
+                copy_now = decided is not None and decided.copy_ready and not pause
+                if copies is not None and copy_now and step < max_steps:
+                    copies.capture(step, data.state_dict())
                 ready = copies is not None and copies.ready(step + 1, rate.seconds_per_step())
                 signals.push(step, local, engine.last_grad_norm, self._pause.is_set(), ready)
                 rate.add(now, counted.tokens)
-                self._set(
-                    step=step,
-                    loss=self.losses.newest(),
-                    tokens_per_s=rate.tokens_per_s(),
-                    mfu=metrics.mfu(rate.tokens_per_s() / ctx.dp_size),
-                    copy_interval=copies.stats.interval if copies is not None else 0.0,
-                    metrics=metrics.snapshot(),
-                )
+                if now - last_report >= REPORT_EVERY_S or pause or step == max_steps:
+                    last_report = now
+                    self._report_progress(engine, metrics, rate, step)
                 if pause:
                     read(signals.drain())
                     self._set(phase="paused", loss=self.losses.newest())
@@ -328,7 +322,8 @@ class TrainLoop:
                 saver.wait()
         finally:
             data.close()
-        self._set(phase="done", loss=self.losses.newest(), metrics=metrics.snapshot())
+        self._report_progress(engine, metrics, rate, engine.global_steps)
+        self._set(phase="done")
         return RunOutcome(
             steps=engine.global_steps,
             losses=self.losses.items(),
@@ -336,6 +331,23 @@ class TrainLoop:
             checkpoint=last_ckpt,
             world_size=ctx.dp_size,
             step_times=step_times,
+            copy_stats=copies.stats.as_dict() if copies is not None else {},
+        )
+
+    def _report_progress(self, engine: Any, metrics: WorkerMetrics, rate: _Rate, step: int) -> None:
+        """Refresh what the controller polls (every REPORT_EVERY_S, not every step)."""
+        metrics.sample(engine)
+        stats = self.copies.stats if self.copies is not None else None
+        if stats is not None:
+            metrics.copies(stats)
+        tokens_per_s = rate.tokens_per_s()
+        self._set(
+            step=step,
+            loss=self.losses.newest(),
+            tokens_per_s=tokens_per_s,
+            mfu=metrics.mfu(tokens_per_s / engine.ctx.dp_size),
+            copy_interval=stats.interval if stats is not None else 0.0,
+            metrics=metrics.snapshot(),
         )
 
     def _restore(self, engine: Any, sampler: Any, metrics: WorkerMetrics) -> None:

@@ -69,10 +69,6 @@ class WorkerMetrics:
         v["zray_skipped_steps_total"] = float(engine.skipped_steps)
         v["zray_data_seconds_total"] = data_seconds_total
         v["zray_data_wait_seconds_total"] = data_wait_seconds_total
-        stats = engine.ctx.comm_stats
-        v["zray_comm_calls_total"] = {k: float(n) for k, n in stats.calls.items()}
-        v["zray_comm_bytes_total"] = {k: float(n) for k, n in stats.bytes.items()}
-        v["zray_comm_seconds_total"] = dict(stats.seconds)
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """MFU of one device training `tokens_per_s` (None where the peak is unknown)."""
@@ -89,12 +85,20 @@ class WorkerMetrics:
         if stats.newest_step is not None:
             v["zray_replica_step"] = float(stats.newest_step)
 
-    def logged(self, engine: Engine, loss: float, grad_norm: float | None = None) -> None:
+    def logged(self, loss: float, grad_norm: float | None = None) -> None:
         """When a step's values are read (one step late, with no host sync of their own)."""
-        v = self.values
-        v["zray_loss"] = loss
+        self.values["zray_loss"] = loss
         if grad_norm is not None:
-            v["zray_grad_norm"] = grad_norm
+            self.values["zray_grad_norm"] = grad_norm
+
+    def sample(self, engine: Engine) -> None:
+        """The slower-moving values (collective counters, memory), when a report is made
+        rather than every step: on a small model the step's host time is the budget."""
+        v = self.values
+        stats = engine.ctx.comm_stats
+        v["zray_comm_calls_total"] = {k: float(n) for k, n in stats.calls.items()}
+        v["zray_comm_bytes_total"] = {k: float(n) for k, n in stats.bytes.items()}
+        v["zray_comm_seconds_total"] = dict(stats.seconds)
         v["zray_state_bytes"] = {k: float(b) for k, b in engine.memory_breakdown().items()}
         if engine.ctx.is_cuda:
             dev = engine.ctx.device

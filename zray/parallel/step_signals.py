@@ -12,6 +12,11 @@ sums on every rank, so decisions taken on them (stop for a resize, start a state
 the same step everywhere without a second round of communication. Nothing else on the step's
 path reads device values on the host.
 
+On CUDA the copy to the host runs on a stream of its own: a device-to-host copy queues on the
+GPU's copy engine behind whatever else is copying in that direction (a state copy of several GB,
+zray.checkpoint.replica), and on the compute stream it would hold up every kernel after it. The
+host buffers are a ring reused only after their value was read: no allocation per step.
+
 On gloo (CPU) the all-reduce runs on gloo's thread and is waited for `lag` steps later.
 """
 
@@ -57,6 +62,14 @@ class StepSignals:
         self.group = dist.group.WORLD if world > 1 else None
         self.world = world
         self._pending: deque[_Pending] = deque()
+        self._done: list[StepValues] = []  # read early to free a ring slot; returned next
+        self._stream: torch.cuda.Stream | None = None
+        self._ring: list[torch.Tensor] = []
+        if ctx.device.type == "cuda":
+            self._stream = torch.cuda.Stream(ctx.device)
+            self._ring = [
+                torch.empty(4, dtype=torch.float32, pin_memory=True) for _ in range(lag + 2)
+            ]
 
     def push(
         self,
@@ -81,20 +94,26 @@ class StepSignals:
             work = dist.all_reduce(vec, group=self.group, async_op=True)
         event = None
         host = vec
-        if vec.is_cuda:
+        if self._stream is not None:
             if work is not None:
                 work.wait()  # NCCL: orders the current stream after it; the host goes on
                 work = None
-            host = torch.empty(4, dtype=torch.float32, pin_memory=True)
-            host.copy_(vec, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            while len(self._pending) >= len(self._ring):  # its slot is still unread
+                self._done.append(self._read(self._pending.popleft()))
+            host = self._ring[step % len(self._ring)]
+            summed = torch.cuda.Event()
+            summed.record()
+            self._stream.wait_event(summed)
+            with torch.cuda.stream(self._stream):
+                host.copy_(vec, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
         self._pending.append(_Pending(step, vec, host, work, event, grad_norm is not None))
 
     def take(self, through: int) -> list[StepValues]:
         """The values of every pushed step <= `through`, oldest first; waits for any not yet
         complete (with `through` = the current step - lag they almost never are)."""
-        out = []
+        out, self._done = self._done, []
         while self._pending and self._pending[0].step <= through:
             out.append(self._read(self._pending.popleft()))
         return out
