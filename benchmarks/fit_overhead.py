@@ -14,7 +14,8 @@ its steady-state rate comes from rank 0's `FitResult.step_times` (when each step
 back from the device) over the same steps. Each `--replica` value is one fit run
 (`default` leaves zray.replica_interval unset); the achieved copy interval is reported.
 
-Prints a table (tokens/s of both, the ratio, the copy interval) and writes JSON (--out).
+Prints a table (tokens/s of both, the ratio, the copy interval; medians over --repeats
+interleaved rounds) and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,6 +185,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--samples", type=int, default=0, help="rows of data (default: enough)")
     p.add_argument("--replica", nargs="+", default=["default"], help="default, 0, 1, ...")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of all runs")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--out", default="")
     p.add_argument("--as-engine-worker", action="store_true", help=argparse.SUPPRESS)
@@ -203,11 +206,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "tokens.parquet")
         write_parquet(lm_tokens_table(synthetic_tokens(samples, args.seq, vocab, seed=1)), data)
-        rows: dict[str, Any] = {"args": vars(args), "fit": []}
-        if not args.skip_engine:
-            rows["engine"] = run_engine(args, data)
-        for replica in args.replica:
-            rows["fit"].append(run_fit(args, data, replica))
+        rows: dict[str, Any] = {"args": vars(args), "fit": [], "engines": []}
+        # Interleaved, so that a machine that drifts (a noisy neighbour, clocks) drifts for
+        # every run alike; the table shows each run's median over the repeats.
+        for _ in range(args.repeats):
+            if not args.skip_engine:
+                rows["engines"].append(run_engine(args, data))
+            for replica in args.replica:
+                rows["fit"].append(run_fit(args, data, replica))
+        if rows["engines"]:
+            rows["engine"] = {
+                "tokens_per_s": statistics.median(e["tokens_per_s"] for e in rows["engines"])
+            }
     rows["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     rows["date"] = time.strftime("%Y-%m-%d")
     engine_rate = rows.get("engine", {}).get("tokens_per_s", float("nan"))
@@ -218,11 +228,19 @@ def main() -> None:
     )
     print(f"{'run':<22} {'tokens/s':>12} {'x engine':>9} {'copy interval':>14}")
     print(f"{'engine':<22} {engine_rate:>12,.0f} {1.0:>9.3f} {'-':>14}")
-    for r in rows["fit"]:
-        interval = f"{r['copy_interval']:.1f}" if r["copy_interval"] else "-"
-        name = f"fit replica={r['replica']}"
-        ratio = r["tokens_per_s"] / engine_rate
-        print(f"{name:<22} {r['tokens_per_s']:>12,.0f} {ratio:>9.3f} {interval:>14}")
+    for replica in args.replica:
+        runs = [r for r in rows["fit"] if r["replica"] == replica]
+        rate = statistics.median(r["tokens_per_s"] for r in runs)
+        intervals = [r["copy_interval"] for r in runs if r["copy_interval"]]
+        interval = f"{statistics.median(intervals):.1f}" if intervals else "-"
+        name = f"fit replica={replica}"
+        print(f"{name:<22} {rate:>12,.0f} {rate / engine_rate:>9.3f} {interval:>14}")
+    if args.repeats > 1:
+        each = [f"{e['tokens_per_s']:,.0f}" for e in rows["engines"]]
+        print(f"each engine run: {', '.join(each)}")
+        for replica in args.replica:
+            each = [f"{r['tokens_per_s']:,.0f}" for r in rows["fit"] if r["replica"] == replica]
+            print(f"each fit replica={replica} run: {', '.join(each)}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

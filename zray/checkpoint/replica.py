@@ -15,7 +15,9 @@ What the step pays:
   interval stretches so that the waits average at most `STALL_BUDGET` of the step time.
 - Host state (CPU runs, an offloaded optimizer): a memcpy on the main thread, timed the same way.
 - Sending (serialisation into Ray's object store, the holder's own copy) runs on a background
-  thread. A copy counts once its holder has acknowledged it; a half-sent copy is never used.
+  thread at the lowest CPU priority, so that on a CPU run it takes cores only where training
+  leaves them idle. A copy counts once its holder has acknowledged it (the holder has copied it
+  into its own memory); a half-sent copy is never used.
   Until then no new copy starts: when sending is slower than the interval, the interval
   stretches (`ReplicaStats.interval` is the one achieved).
 
@@ -33,9 +35,11 @@ that exceeds the host budget the caller gives.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -298,6 +302,7 @@ class StateReplicator:
     def _background(self, layout: StateLayout, pin: bool) -> None:
         if pin:
             torch.cuda.set_device(self.engine.ctx.device)  # this thread's CUDA calls
+        _lowest_priority()
         try:
             buffers = [_allocate(layout, pin) for _ in range(self.generations)]
         except Exception as e:  # out of memory, page-locking refused
@@ -342,6 +347,15 @@ class StateReplicator:
         s.newest_step = job.step
         s.copies += 1
         self.phase = CopyPhase.IDLE
+
+
+def _lowest_priority() -> None:
+    """Let this thread (and the threads it starts: Ray's copy threads) run only where training
+    leaves a core idle. On a CPU run the copies compete with the training for the same cores;
+    on a GPU host there are cores to spare and this changes nothing. Linux sets nice values per
+    thread; elsewhere this is skipped."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _allocate(layout: StateLayout, pin: bool) -> _Buffer:
