@@ -408,9 +408,10 @@ def mesh_model() -> GPT:
     return GPT(MESH_MODEL)
 
 
-def mesh_reference() -> dict[str, Any]:
-    """Plain single-process AdamW with clipping on the whole global batch: the ground truth."""
-    model = mesh_model()
+def mesh_reference(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Plain single-process AdamW with clipping on the whole global batch: the ground truth
+    (in float64: the exact result to compare rounding errors against)."""
+    model = mesh_model().to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     tokens, norms = mesh_data(), []
     for step in range(STEPS):

@@ -103,7 +103,16 @@ def test_model_matches_unsliced(runs: list[dict[str, Any]], name: str) -> None:
 
 @pytest.fixture(scope="module")
 def mesh_reference() -> dict[str, Any]:
-    return w.mesh_reference()
+    ref = w.mesh_reference()
+    exact = w.mesh_reference(torch.float64)
+    # [Note: the mesh tolerance] Each parameter of the sharded run may be as far from the exact
+    # (float64) result as 3x the plain float32 run is: both are the same float32 arithmetic in
+    # different summation orders, and Adam's normalised update amplifies the rounding of small
+    # gradients (pos_emb: 9.2e-6 between the float32 and float64 plain runs on an AVX-512 host,
+    # beyond the fixed 1e-5 that the dp2 x tp2 runs exceeded there at 1.2e-5). A wrong norm or a
+    # missed slice moves the parameters by >= 1e-3 (MESH_CLIP scales every update).
+    bound = {k: max(TOL, 3 * rel_err(ref["state"][k], exact["state"][k])) for k in ref["state"]}
+    return {**ref, "exact": exact["state"], "bound": bound}
 
 
 @pytest.mark.parametrize(("dp", "tp", "stage"), w.MESH_RUNS, ids=lambda x: str(x))
@@ -122,8 +131,13 @@ def test_mesh_matches_single_process(
     for rank, r in enumerate(results):
         for step, (got, want) in enumerate(zip(r["norms"], mesh_reference["norms"], strict=True)):
             assert abs(got - want) <= TOL * want, f"rank {rank} step {step}: {got} != {want}"
-    key, err = worst(results[0]["state"], mesh_reference["state"])
-    assert err <= TOL, f"dp{dp} x tp{tp} stage {stage}: {key} off by {err:.2e}"
+    got, exact, bound = results[0]["state"], mesh_reference["exact"], mesh_reference["bound"]
+    for key in exact:
+        err = rel_err(got[key], exact[key])
+        assert err <= bound[key], (
+            f"dp{dp} x tp{tp} stage {stage}: {key} off the exact result by {err:.2e}, "
+            f"more than {bound[key]:.2e} (3x the plain float32 run's)"
+        )
     init = w.mesh_model().state_dict()
     assert min(rel_err(results[0]["state"][k], init[k]) for k in init) > 1e-3  # it trained
 
