@@ -65,11 +65,13 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
             t.setdefault("detected", now)
         if st.restarts >= 1 and st.state is RunState.RUNNING:
             t.setdefault("running", now)
+            # From a checkpoint ("started N workers from .../step_00000010") or from the
+            # in-memory state copies ("recover from in-memory snapshots of step 12").
             resumed = [
-                int(m.group(1))
+                int(m.group(1) or m.group(2))
                 for d in st.decisions
-                for m in [re.search(r"step_(\d+)", d)]
-                if m and "started" in d
+                for m in [re.search(r"step_(\d+)|in-memory snapshots of step (\d+)", d)]
+                if m
             ]
             if resumed:
                 info["resumed_from"] = resumed[-1]

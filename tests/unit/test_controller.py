@@ -282,3 +282,32 @@ def test_consistent_snapshot_picks_the_newest_step_every_rank_has() -> None:
     assert step == 5
     assert [(p.shard.rank, p.step) for p in got] == [(0, 5), (1, 5), (2, 5)]
     assert consistent_snapshot({0: [(5, packed(0, 3, 5))]}, 3) is None
+
+
+class CopyingGroup(FakeGroup):
+    """Dies after step 9; its survivors hold every rank's in-memory copy of step 7."""
+
+    def snapshots(self) -> dict:
+        return {r: [(7, packed(r, 2, 7))] for r in range(2)}
+
+
+@pytest.mark.parametrize(
+    ("ckpt", "resumed"),
+    [
+        ("/ckpt/step_00000005", "memory"),
+        ("/ckpt/step_00000008", "/ckpt/step_00000008"),
+        (None, "memory"),
+    ],
+)
+def test_recovery_takes_the_newer_of_memory_and_disk(ckpt: str | None, resumed: str) -> None:
+    died = GroupPoll(failures=[Failure(1, "died", "actor died")])
+    g1, g2 = CopyingGroup(2, [running(9), died]), FakeGroup(2, [GroupPoll(outcome=outcome())])
+    c = make([g1, g2], ckpt=ckpt)
+    for _ in range(6):
+        c.step()
+    if resumed == "memory":
+        assert [p.step for p in g2.started_from] == [7, 7]  # type: ignore[union-attr]
+        assert "recover from in-memory snapshots of step 7" in c.status.decisions[2]
+    else:
+        assert g2.started_from == resumed
+        assert "(step 8) is newer than the newest in-memory state" in c.status.decisions[2]

@@ -280,7 +280,14 @@ class Controller:
             snaps.setdefault(rank, []).extend(copies)
         found = consistent_snapshot(snaps, old)
         self._resume = None
-        if found is not None:
+        disk = self.latest_checkpoint()
+        disk_step = _step_of_dir(disk)
+        if found is not None and disk_step is not None and disk_step > found[0]:
+            self._note(
+                f"the last committed checkpoint (step {disk_step}) is newer than the newest "
+                f"in-memory state every rank has (step {found[0]}): recover from disk"
+            )
+        elif found is not None:
             step, self._resume = found
             self._note(f"recover from in-memory snapshots of step {step} (no disk read)")
         elif snaps:
@@ -358,6 +365,14 @@ class Controller:
             raise self.error
         assert self.outcome is not None
         return self.outcome
+
+
+def _step_of_dir(path: str | None) -> int | None:
+    """The step of a checkpoint directory named step_NNNNNNNN (None: none, or another name)."""
+    if not path:
+        return None
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
 
 
 def consistent_snapshot(
