@@ -1,7 +1,7 @@
 """Run in a subprocess by test_node_loss.py: a multi-node ray.cluster_utils.Cluster of its own.
 
-Head (1 CPU, hosts the controller) + two 2-CPU worker nodes. Two workers train; once step 3 has
-passed, the node hosting rank 0 is removed. Prints one JSON line with what happened.
+Head (1 CPU, hosts the controller) + two 2-CPU worker nodes. Two workers train 40 steps; once
+step 3 has passed, the node hosting rank 0 is removed. Prints one JSON line with what happened.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from ray.cluster_utils import Cluster
 import zray
 from tests.cluster import _runs
 from zray.cluster.controller import RunStatus
+
+STEPS = 40
 
 
 def main(parquet: str) -> None:
@@ -35,8 +37,17 @@ def main(parquet: str) -> None:
                 return
 
     with tempfile.TemporaryDirectory() as ckpt:
+        # 40 steps polled every 50 ms: the removal at step 3 comes with most of the run left
+        # (with 8 steps a run whose steps no longer wait on the host finished before the
+        # controller had seen step 3).
         cfg = _runs.config(
-            2, steps=8, num_workers=2, checkpoint_interval=2, max_failures=2, start_timeout_s=60.0
+            2,
+            steps=STEPS,
+            num_workers=2,
+            checkpoint_interval=2,
+            max_failures=2,
+            start_timeout_s=60.0,
+            poll_interval_s=0.05,
         )
         result = zray.fit(
             config=cfg, data=parquet, checkpoint_dir=ckpt, progress=remove_node_of_rank0

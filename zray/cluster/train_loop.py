@@ -10,7 +10,6 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from zray.entrypoint import load_entry
 from zray.env import DistEnv
 from zray.errors import ConfigError
 from zray.initialize import initialize
+from zray.metrics.progress import LossLog, RateWindow
 from zray.metrics.worker import WorkerMetrics
 from zray.parallel.context import init_distributed
 from zray.parallel.step_signals import StepSignals, StepValues
@@ -103,8 +103,6 @@ def _resolve(data: Any) -> Any:
     return data
 
 
-# The live rate is taken over this many seconds of recent steps (and at least two steps).
-RATE_WINDOW_S = 20.0
 # The report the controller polls (every zray.poll_interval_s) is refreshed this often: building
 # it every step would cost a small model's step a noticeable share of its host time.
 REPORT_EVERY_S = 0.1
@@ -215,7 +213,7 @@ class TrainLoop:
         max_steps = run.max_steps or 100
         root = run.checkpoint_dir
         saver = AsyncSaver() if run.async_checkpoint else None
-        rate = _Rate(ctx.dp_size)
+        rate = RateWindow(ctx.dp_size)
         t0 = time.perf_counter()
         self._set(phase="training", step=engine.global_steps, stage=engine.plan.stage)
         votes: StepValues | None = None  # the newest values read: they decide the next step
@@ -334,7 +332,9 @@ class TrainLoop:
             copy_stats=copies.stats.as_dict() if copies is not None else {},
         )
 
-    def _report_progress(self, engine: Any, metrics: WorkerMetrics, rate: _Rate, step: int) -> None:
+    def _report_progress(
+        self, engine: Any, metrics: WorkerMetrics, rate: RateWindow, step: int
+    ) -> None:
         """Refresh what the controller polls (every REPORT_EVERY_S, not every step)."""
         metrics.sample(engine)
         stats = self.copies.stats if self.copies is not None else None
@@ -364,75 +364,6 @@ class TrainLoop:
             self.losses.record(int(a), float(b))
 
 
-class LossLog:
-    """The run's loss history: (step, global mean loss) of the steps it keeps (every
-    `log_interval`-th and the last), in step order, appended by the training thread as the
-    values are read. The copy thread waits here until the history a copy carries is known."""
-
-    def __init__(self) -> None:
-        self._items: list[tuple[int, float]] = []
-        self._through = -1  # the newest step whose loss has been read
-        self._newest: float | None = None
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def record(self, step: int, loss: float, keep: bool = True) -> None:
-        with self._cond:
-            if keep:
-                self._items.append((step, loss))
-            self._through, self._newest = step, loss
-            self._cond.notify_all()
-
-    def items(self) -> list[tuple[int, float]]:
-        with self._cond:
-            return list(self._items)
-
-    def newest(self) -> float | None:
-        with self._cond:
-            return self._newest
-
-    def client_state(self) -> dict[str, Any]:
-        return _hist(self.items())
-
-    def client_state_through(self, step: int) -> dict[str, Any] | None:
-        """The client state of `step` once its loss is read; None if the log closes first."""
-        with self._cond:
-            while not self._closed and self._through < step:
-                self._cond.wait(timeout=1.0)
-            if self._through < step:
-                return None
-            return _hist([(s, v) for s, v in self._items if s <= step])
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-class _Rate:
-    """Tokens/s over the last RATE_WINDOW_S seconds of steps (all data-parallel ranks)."""
-
-    def __init__(self, dp_size: int) -> None:
-        self.dp_size = dp_size
-        self._points: deque[tuple[float, int]] = deque()
-
-    def add(self, t: float, tokens: int) -> None:
-        self._points.append((t, tokens))
-        while len(self._points) > 2 and t - self._points[1][0] >= RATE_WINDOW_S:
-            self._points.popleft()
-
-    def tokens_per_s(self) -> float:
-        if len(self._points) < 2:
-            return 0.0
-        (t0, n0), (t1, n1) = self._points[0], self._points[-1]
-        return (n1 - n0) * self.dp_size / (t1 - t0) if t1 > t0 else 0.0
-
-    def seconds_per_step(self) -> float:
-        if len(self._points) < 2:
-            return 0.0
-        return (self._points[-1][0] - self._points[0][0]) / (len(self._points) - 1)
-
-
 def _host_budget(ctx: Any) -> int | None:
     """Host bytes this rank's state copies may take: half the memory available on its host
     now, shared by the ranks on that host (a one-time gather of host names)."""
@@ -458,10 +389,6 @@ def _mem_available() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _hist(losses: list[tuple[int, float]]) -> dict[str, Any]:
-    return {"losses": [[s, v] for s, v in losses]}
 
 
 Resume = str | list[Any] | None  # a checkpoint dir, or in-memory RankShards (or refs to them)
