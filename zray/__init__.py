@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 from zray import zero
 from zray.config import Config
 from zray.engine import Engine
-from zray.errors import ConfigError, ZrayError
+from zray.errors import ConfigError, NonFiniteError, ZrayError
 from zray.fit import FitResult, fit
 from zray.initialize import add_config_arguments, init_distributed, initialize
 from zray.parallel.context import ParallelContext
@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "Engine",
     "FitResult",
+    "NonFiniteError",
     "ParallelContext",
     "ZrayError",
     "__version__",

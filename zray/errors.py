@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["NOT_GIVEN", "ConfigError", "ZrayConfigWarning", "ZrayError"]
+__all__ = ["NOT_GIVEN", "ConfigError", "NonFiniteError", "ZrayConfigWarning", "ZrayError"]
 
 # Longest value repr an error message shows; a whole mis-nested section would drown the message.
 _MAX_VALUE_REPR = 160
@@ -77,3 +77,25 @@ class ConfigError(ZrayError, ValueError):
     def __reduce__(self) -> tuple[type[ConfigError], tuple[str, object, str, str]]:
         # Exception's default pickling replays args=(message,), which does not match __init__.
         return (type(self), (self.key, self.value, self.allowed, self.reason))
+
+
+class NonFiniteError(ZrayError):
+    """A step's loss or gradient norm was not finite (bf16 / fp32 training: nothing skips it).
+
+    Attributes: the step, what was not finite ("loss" or "gradient norm"), the ranks whose own
+    value was not finite, and the global value. Raised on every rank at the same step; the run
+    stops rather than train on, and is not restarted (the same data would do it again).
+    """
+
+    def __init__(self, step: int, what: str, ranks: list[int], value: float) -> None:
+        self.step, self.what, self.ranks, self.value = step, what, ranks, value
+        where = f"rank(s) {ranks}" if ranks else "the sum over ranks"
+        super().__init__(
+            f"step {step}: the {what} is {value} on {where}; training stopped before taking "
+            "another checkpoint (the last committed one is before this step). Causes: a learning "
+            "rate too high, bad input rows, a model bug; fp16 skips such steps, bf16 and fp32 "
+            "do not"
+        )
+
+    def __reduce__(self) -> tuple[type[NonFiniteError], tuple[int, str, list[int], float]]:
+        return (type(self), (self.step, self.what, self.ranks, self.value))

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import zray
 from tests.cluster import _runs
+from zray.checkpoint.reader import CheckpointReader, latest_valid
 from zray.cluster.controller import RunFailedError
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("ray_cluster")]
@@ -34,6 +35,39 @@ def loss_that_raises(outputs: Any, batch: Any) -> torch.Tensor:
     if dist.get_rank() == 1 and _calls["n"] == 2:
         raise RuntimeError("bad batch on rank 1")
     return outputs
+
+
+def loss_nan_at(outputs: Any, batch: Any, step: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s loss is NaN at step `step` (one micro-batch per step)."""
+    _calls["n"] += 1
+    if dist.get_rank() == rank and _calls["n"] == step:
+        return outputs * float("nan")
+    return outputs
+
+
+@pytest.mark.parametrize("nan_step", [10, 8])  # 8: the NaN step is also a checkpoint step
+def test_a_nan_loss_stops_the_run_at_its_step_without_a_restart(
+    parquet_tokens: Path, tmp_path: Path, nan_step: int
+) -> None:
+    cfg = _runs.config(2, steps=20, num_workers=2, checkpoint_interval=4, max_failures=2)
+    with pytest.raises(RunFailedError) as e:
+        zray.fit(
+            config=cfg,
+            data=str(parquet_tokens),
+            checkpoint_dir=str(tmp_path),
+            loss=functools.partial(loss_nan_at, step=nan_step, rank=1),
+            progress=False,
+        )
+    msg = str(e.value)
+    assert f"step {nan_step}: the loss is nan on rank(s) [1]" in msg, msg
+    assert "not retryable" in msg and "restarted" not in msg
+    # Nothing after the NaN was saved: the newest committed checkpoint is from before it and
+    # holds finite weights.
+    newest = latest_valid(tmp_path)
+    assert newest is not None and int(newest.name[5:]) == (nan_step - 1) // 4 * 4
+    reader = CheckpointReader(newest)
+    for name, shape in reader.params().items():
+        assert torch.isfinite(reader.read(name, 0, int(torch.Size(shape).numel()))).all(), name
 
 
 def test_collective_timeout_restarts_the_group(parquet_tokens: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from zray.checkpoint.shard import PackedShard
 from zray.cluster.policy import Failure
 from zray.cluster.train_loop import Report, Resume, RunOutcome, RunSpec
-from zray.errors import ConfigError, ZrayError
+from zray.errors import ConfigError, NonFiniteError, ZrayError
 
 
 class GroupStartError(ZrayError):
@@ -139,9 +139,7 @@ class RayWorkerGroup:
                 out.failures.append(Failure(rank, "died", _first_line(e)))
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if hasattr(e, "cause") else None
-                out.failures.append(
-                    Failure(rank, "error", _tail(e), retryable=not isinstance(cause, ConfigError))
-                )
+                out.failures.append(Failure(rank, "error", _tail(e), retryable=_retryable(cause)))
         if out.failures:
             return out
         refs = [a.report.remote() for a in self.actors]
@@ -198,7 +196,8 @@ def _retryable(cause: BaseException | None) -> bool:
     """Errors a restart cannot cure: bad configs or data, code that does not import."""
     from zray.data.errors import DataError
 
-    return not isinstance(cause, (ConfigError, DataError, ImportError, SyntaxError))
+    permanent = (ConfigError, DataError, NonFiniteError, ImportError, SyntaxError)
+    return not isinstance(cause, permanent)
 
 
 def _first_line(e: BaseException) -> str:

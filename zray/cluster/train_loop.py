@@ -6,6 +6,7 @@ driven by any launcher that gives it a rank, a world size and a rendezvous addre
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -25,7 +26,7 @@ from zray.checkpoint.writer import save_shard
 from zray.config import Config
 from zray.entrypoint import load_entry
 from zray.env import DistEnv
-from zray.errors import ConfigError
+from zray.errors import ConfigError, NonFiniteError
 from zray.initialize import initialize
 from zray.metrics.progress import LossLog, RateWindow
 from zray.metrics.worker import WorkerMetrics
@@ -227,6 +228,8 @@ class TrainLoop:
                 keep = v.step % run.log_interval == 0 or v.step == max_steps
                 self.losses.record(v.step, v.loss, keep)
                 votes = v
+                if not engine.fp16_enabled():  # fp16 skips such steps itself (loss scaling)
+                    _check_finite(v)
             if values:
                 metrics.logged(values[-1].loss, values[-1].grad_norm)
 
@@ -392,6 +395,23 @@ def _mem_available() -> int | None:
 
 
 Resume = str | list[Any] | None  # a checkpoint dir, or in-memory RankShards (or refs to them)
+
+
+def _check_finite(v: StepValues) -> None:
+    """Stop on a non-finite loss or gradient norm, on every rank at the same step (the values
+    are sums over ranks, the same everywhere): training on would spread it into the weights.
+    Collective when it raises (the ranks learn which of them saw it)."""
+    import torch.distributed as dist
+
+    if math.isfinite(v.loss) and (v.grad_norm is None or math.isfinite(v.grad_norm)):
+        return
+    what, value = ("loss", v.loss) if not math.isfinite(v.loss) else ("gradient norm", v.grad_norm)
+    mine = not math.isfinite(v.my_loss) if what == "loss" else False
+    flags = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flags = [False] * dist.get_world_size()
+        dist.all_gather_object(flags, mine)
+    raise NonFiniteError(v.step, what, [r for r, bad in enumerate(flags) if bad], float(value))
 
 
 def _reader(resume: Resume) -> Any:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from zray.env import DistEnv, dist_env_is_set, read_dist_env
 from zray.errors import ConfigError
-from zray.zero.comm import CommStats
+from zray.parallel.comm_stats import CommStats
 
 
 @dataclass(frozen=True)

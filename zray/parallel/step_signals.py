@@ -30,8 +30,10 @@ import torch.distributed as dist
 
 from zray.parallel.context import ParallelContext
 
-# Vector layout: [loss, grad norm, pause votes, copy votes]
-_LOSS, _NORM, _PAUSE, _READY = range(4)
+# Vector layout: [loss, grad norm, pause votes, copy votes | this rank's loss, grad norm]; the
+# first four are summed over ranks, the last two stay this rank's own (to name a bad rank).
+_LOSS, _NORM, _PAUSE, _READY, _MY_LOSS, _MY_NORM = range(6)
+_SUMMED = 4
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class StepValues:
     grad_norm: float | None  # the global norm before clipping (None: no step taken yet)
     pause: bool  # some rank was asked to pause
     copy_ready: bool  # every rank could start a state copy
+    my_loss: float = 0.0  # this rank's own mean micro-batch loss
+    my_grad_norm: float | None = None  # the norm as this rank computed it
 
 
 @dataclass
@@ -68,7 +72,7 @@ class StepSignals:
         if ctx.device.type == "cuda":
             self._stream = torch.cuda.Stream(ctx.device)
             self._ring = [
-                torch.empty(4, dtype=torch.float32, pin_memory=True) for _ in range(lag + 2)
+                torch.empty(6, dtype=torch.float32, pin_memory=True) for _ in range(lag + 2)
             ]
 
     def push(
@@ -81,17 +85,18 @@ class StepSignals:
     ) -> None:
         """Queue step `step`'s values (no host sync)."""
         dev = self.ctx.device
-        vec = torch.zeros(4, dtype=torch.float32, device=dev)
+        vec = torch.zeros(6, dtype=torch.float32, device=dev)
         vec[_LOSS] = loss.detach().reshape(()).float()
         if grad_norm is not None:
             vec[_NORM] = grad_norm.detach().reshape(()).float()
+        vec[_MY_LOSS:].copy_(vec[_LOSS : _NORM + 1])  # kept out of the sum below
         # fill_ with a Python number: a kernel argument, not a host-to-device copy.
         vec[_PAUSE].fill_(float(pause))
         vec[_READY].fill_(float(not ready))
         work = None
         if self.group is not None:
-            self.ctx.comm_stats.launched("all_reduce", vec)
-            work = dist.all_reduce(vec, group=self.group, async_op=True)
+            self.ctx.comm_stats.launched("all_reduce", vec[:_SUMMED])
+            work = dist.all_reduce(vec[:_SUMMED], group=self.group, async_op=True)
         event = None
         host = vec
         if self._stream is not None:
@@ -135,4 +140,6 @@ class StepSignals:
             grad_norm=v[_NORM] / n if p.has_norm else None,
             pause=v[_PAUSE] > 0,
             copy_ready=v[_READY] == 0,
+            my_loss=v[_MY_LOSS],
+            my_grad_norm=v[_MY_NORM] if p.has_norm else None,
         )

@@ -9,36 +9,17 @@ free of syncs. On gloo the collective runs on gloo's own thread and `wait()` blo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from zray.parallel.comm_stats import CommStats
 
 # torch 2.13 renamed the flat collectives (*_single); the GPU image carries 2.11, which has only
 # the old names. Resolve once here instead of at each call.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-@dataclass
-class CommStats:
-    """Per collective kind: calls, bytes this rank put in, and seconds the host waited.
-
-    The wait time is what the step lost to communication that did not overlap: on gloo the
-    whole collective when waited on; on NCCL `wait()` only orders streams, so it is ~0 there and
-    GPU-side time needs the step timer's CUDA events.
-    """
-
-    calls: dict[str, int] = field(default_factory=dict)
-    bytes: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def launched(self, kind: str, t: torch.Tensor) -> None:
-        self.calls[kind] = self.calls.get(kind, 0) + 1
-        self.bytes[kind] = self.bytes.get(kind, 0) + t.numel() * t.element_size()
-
-    def waited(self, kind: str, seconds: float) -> None:
-        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
 
 
 @dataclass

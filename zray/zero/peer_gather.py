@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from zray.zero.comm import CommStats
+from zray.parallel.comm_stats import CommStats
 
 PIECE = 16 * 2**20  # elements per piece: 32 MiB of bf16 per slot
 # A peer that never reaches the barrier (dead, or diverged) traps the kernel after this long, so
