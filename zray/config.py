@@ -13,6 +13,7 @@ once per process. Change a built config with `dataclasses.replace`, which re-run
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -129,11 +130,20 @@ class Config(Section):
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Config:
         """Read a DeepSpeed-style config dict (plus an optional "zray" section)."""
-        return build(cls, d)
+        cfg = build(cls, d)
+        # What it was read from, "auto" values and all: `load(cfg, zray=...)` rebuilds from it
+        # so that values derived from an overridden key follow it.
+        object.__setattr__(cfg, "_source", copy.deepcopy(dict(d)))
+        return cfg
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Config:
         """Read a JSON file, or YAML when the suffix is .yaml / .yml."""
+        return cls.from_dict(cls.read_file(path))
+
+    @classmethod
+    def read_file(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The dict a JSON or YAML config file holds, unvalidated."""
         p = Path(path)
         text = p.read_text(encoding="utf-8")
         if p.suffix.lower() in (".yaml", ".yml"):
@@ -151,21 +161,39 @@ class Config(Section):
                 line = e.doc.splitlines()[e.lineno - 1].strip() if e.doc else ""
                 where = f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
                 raise ConfigError(str(p), line, "a JSON object", where) from e
-        return cls.from_dict({} if raw is None else raw)
+        return {} if raw is None else raw
 
     @classmethod
-    def load(cls, x: Config | Mapping[str, Any] | str | os.PathLike[str] | None) -> Config:
-        """A Config from a Config (returned as is), a dict, a file path, or None (defaults)."""
-        if x is None:
-            return cls()
+    def load(
+        cls,
+        x: Config | Mapping[str, Any] | str | os.PathLike[str] | None,
+        zray: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """A Config from a Config, a dict, a file path, or None (defaults).
+
+        `zray` overrides keys of the "zray" run section before anything derived from them is
+        resolved: `max_steps` also moves a scheduler's total_num_steps written as "auto". A
+        Config built in Python (not read from a dict or file) keeps what it derived already.
+        """
         if isinstance(x, Config):
-            return x
-        if isinstance(x, Mapping):
-            return cls.from_dict(x)
-        if isinstance(x, str | os.PathLike):
-            return cls.from_file(x)
-        allowed = "a zray.Config, a dict, a path to a .json/.yaml file, or None"
-        raise ConfigError("config", x, allowed)
+            source = getattr(x, "_source", None)
+            if not zray:
+                return x
+            if source is None:
+                return replace(x, zray=replace(x.zray, **zray))
+            x = source
+        if x is None:
+            raw: dict[str, Any] = {}
+        elif isinstance(x, Mapping):
+            raw = dict(x)
+        elif isinstance(x, str | os.PathLike):
+            raw = cls.read_file(x)
+        else:
+            allowed = "a zray.Config, a dict, a path to a .json/.yaml file, or None"
+            raise ConfigError("config", x, allowed)
+        if zray:
+            raw["zray"] = {**(raw.get("zray") or {}), **zray}
+        return cls.from_dict(raw) if raw or x is not None else cls()
 
     @classmethod
     def _prepare(cls, raw: dict[str, Any]) -> dict[str, Any]:

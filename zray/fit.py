@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -166,7 +166,21 @@ def fit(
 
     from zray.cluster.controller_actor import ControllerActor
 
-    cfg = Config.load(config)
+    changes: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "num_workers": list(num_workers) if isinstance(num_workers, tuple) else num_workers,
+            "use_gpu": use_gpu,
+            "checkpoint_dir": os.fspath(checkpoint_dir) if checkpoint_dir is not None else None,
+            "max_failures": max_failures,
+            "max_steps": max_steps,
+            "model": model if isinstance(model, str) else None,
+        }.items()
+        if v is not None
+    }
+    # Applied before the config resolves what depends on them (a scheduler's "auto" steps).
+    cfg = Config.load(config, zray=changes)
+    run = cfg.zray
     if cfg.tensor_parallel.tp_size > 1:
         # The worker side (batch plans per world size, token metrics, elastic handover) still
         # counts every worker as a data-parallel rank: refuse rather than train wrongly.
@@ -177,21 +191,6 @@ def fit(
             "tensor_parallel with zray.fit: not supported yet; use zray.initialize under a "
             "launcher (torchrun, zray.launch) for tensor slicing",
         )
-    changes = {
-        k: v
-        for k, v in {
-            "num_workers": num_workers,
-            "use_gpu": use_gpu,
-            "checkpoint_dir": checkpoint_dir,
-            "max_failures": max_failures,
-            "max_steps": max_steps,
-        }.items()
-        if v is not None
-    }
-    if isinstance(model, str):
-        changes["model"] = model
-    run = replace(cfg.zray, **changes)
-    cfg = replace(cfg, zray=run)
     model = model if model is not None else run.model
     if model is None:
         raise ConfigError("model", None, "a callable returning an nn.Module, or zray.model")

@@ -877,3 +877,25 @@ def test_zray_zero_keys() -> None:
         ConfigError, match=r"zero_optimization.stage3_gather.*nccl, peer_copy, auto"
     ):
         Config.from_dict(cfg)
+
+
+def test_overriding_max_steps_moves_an_auto_schedule(tmp_path: Path) -> None:
+    """`zray fit --steps N` / `fit(max_steps=N)`: total_num_steps "auto" follows N, not the file's
+    max_steps; a number written in the file stays."""
+    raw = {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto"}},
+        "zray": {"max_steps": 100},
+    }
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(raw))
+    for source in (raw, str(path), Config.from_dict(raw)):
+        cfg = Config.load(source, zray={"max_steps": 30})
+        assert cfg.zray.max_steps == 30
+        assert (
+            cfg.scheduler is not None and cfg.scheduler.resolved_params()["total_num_steps"] == 30
+        )
+    fixed = {**raw, "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 80}}}
+    cfg = Config.load(fixed, zray={"max_steps": 30})
+    assert cfg.scheduler is not None and cfg.scheduler.resolved_params()["total_num_steps"] == 80
+    assert Config.load(raw).zray.max_steps == 100  # no override: as written
