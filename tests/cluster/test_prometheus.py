@@ -51,7 +51,13 @@ def query(base: str, expr: str, at: float) -> list[dict]:
 @pytest.fixture
 def prometheus(tmp_path: Path) -> tuple[str, int]:
     if shutil.which("prometheus") is None:
-        pytest.fail("the `prometheus` binary is missing: .ci/run installs the Debian package")
+        how = (
+            "the `prometheus` binary is missing: `apt-get install prometheus` (Debian/Ubuntu) "
+            "or a release from prometheus.io on the PATH"
+        )
+        if os.environ.get("ZRAY_REQUIRE_PROMETHEUS"):
+            pytest.fail(how + "; CI (.ci/run) installs it and requires this test")
+        pytest.skip(how + " (CI runs this test)")
     metrics_port, web_port = free_port(), free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(
