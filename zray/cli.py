@@ -19,12 +19,21 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def _cmd_fit(args: argparse.Namespace) -> int:
     from zray.fit import fit
 
-    result = fit(
-        config=Config.load(args.config),
-        num_workers=args.workers,
-        max_steps=args.steps,
-        address=args.address,
-    )
+    config = Config.load(args.config)
+    try:
+        result = fit(
+            config=config, num_workers=args.workers, max_steps=args.steps, address=args.address
+        )
+    except KeyboardInterrupt:
+        # fit() has already shut the workers down (its finally); nothing committed is lost.
+        where = _latest_checkpoint(config.zray.checkpoint_dir)
+        resume = (
+            f"the last committed checkpoint is {where}: running the same command resumes from it"
+            if where
+            else "no checkpoint was committed (zray.checkpoint_dir and checkpoint_interval set one)"
+        )
+        print(f"zray fit: interrupted; workers stopped; {resume}", file=sys.stderr)
+        return 130
     print(
         json.dumps(
             {
@@ -38,6 +47,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _latest_checkpoint(root: str | None) -> str | None:
+    if not root:
+        return None
+    from zray.checkpoint.reader import latest_valid
+
+    found = latest_valid(root)
+    return None if found is None else str(found)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -145,7 +145,12 @@ class Config(Section):
     def read_file(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
         """The dict a JSON or YAML config file holds, unvalidated."""
         p = Path(path)
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            raise ConfigError(
+                "config", str(p), "a readable JSON or YAML file", e.strerror or type(e).__name__
+            ) from None
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml  # lazily: only YAML users need PyYAML
 

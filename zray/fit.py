@@ -10,6 +10,7 @@ authentication stays on: zray refuses to start a cluster with RAY_AUTH_MODE=disa
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -25,6 +26,8 @@ from zray.cluster.train_loop import RunSpec
 from zray.config import Config
 from zray.env import ray_address, ray_auth_mode
 from zray.errors import ConfigError
+
+log = logging.getLogger("zray")
 
 
 @dataclass
@@ -78,6 +81,9 @@ class ProgressLine:
         self._announced = False
 
     def __call__(self, st: RunStatus) -> None:
+        if st.metrics_url and not self._announced:
+            self._announced = True
+            self.stream.write(f"[zray] metrics: {st.metrics_url}\n")
         key = (st.state, st.step, st.restarts)
         if key == self._last:
             return
@@ -113,9 +119,35 @@ def _ensure_ray(address: str | None, num_workers: int, use_gpu: bool) -> bool:
             "zray keeps Ray's token authentication on",
         )
     address = address or ray_address()  # inside a Ray Job (zray submit): that cluster
+    # Ray logs "set RAY_AUTH_MODE=disabled to opt out" on every start: advice zray refuses.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: "opt out" not in record.getMessage()
+    )
     if address:
         ray.init(address=address, log_to_driver=True)
         return True
+    if use_gpu and torch.cuda.device_count() == 0:
+        raise ConfigError(
+            "zray.use_gpu",
+            True,
+            "false on a machine without GPUs, or a GPU machine (or --address of a cluster with GPUs)",
+            "torch sees no CUDA device here"
+            + (
+                ""
+                if torch.cuda.is_available()
+                else f" (torch {torch.__version__}, CUDA unavailable)"
+            ),
+        )
+    cores = os.cpu_count() or 1
+    if not use_gpu and num_workers > cores:
+        log.warning(
+            "zray.num_workers %d on %d CPU cores: the workers share the cores, so each step "
+            "takes about %.1fx as long as with %d workers",
+            num_workers,
+            cores,
+            num_workers / cores,
+            cores,
+        )
     ray.init(
         # Logical CPUs: one per worker plus room for the controller, even on a 2-core laptop.
         num_cpus=max(os.cpu_count() or 1, num_workers + 1),
