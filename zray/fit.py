@@ -26,6 +26,7 @@ from zray.cluster.train_loop import RunSpec
 from zray.config import Config
 from zray.env import ray_address, ray_auth_mode
 from zray.errors import ConfigError
+from zray.preflight import preflight
 
 log = logging.getLogger("zray")
 
@@ -229,6 +230,7 @@ def fit(
     data = data if data is not None else run.data
     if data is None:
         raise ConfigError("data", None, "a Parquet path, Arrow table, Ray or torch Dataset")
+    preflight(cfg, model, data)  # mistakes every worker would hit: before Ray starts
     started = _ensure_ray(address, run.max_workers, run.use_gpu)
     show = ProgressLine(run.max_steps) if progress is True else (progress or None)
     try:

@@ -104,3 +104,16 @@ def test_ctrl_c_stops_the_run_and_says_where_to_resume(tmp_path: Path) -> None:
     assert last.startswith("zray fit: interrupted; workers stopped; the last committed checkpoint")
     assert str(tmp_path / "ckpt" / "step_") in last
     assert "[zray] metrics: http://127.0.0.1:" in err  # the URL was printed at the start
+
+
+def test_a_missing_data_path_fails_in_seconds_before_ray(tmp_path: Path) -> None:
+    cfg = json.loads((ROOT / "examples" / "tiny_gpt.json").read_text())
+    cfg["zray"]["data"] = str(tmp_path / "missing.parquet")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(cfg))
+    t0 = time.monotonic()
+    out = zray("fit", str(path))
+    assert out.returncode == 2 and time.monotonic() - t0 < 15, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.parquet" in lines[0] and "does not exist" in lines[0]
+    assert "Started a local Ray" not in out.stderr
