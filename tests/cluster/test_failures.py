@@ -60,7 +60,7 @@ def test_a_nan_loss_stops_the_run_at_its_step_without_a_restart(
         )
     msg = str(e.value)
     assert f"step {nan_step}: the loss is nan on rank(s) [1]" in msg, msg
-    assert "not retryable" in msg and "restarted" not in msg
+    assert "not retryable" in msg and e.value.restarts == 0
     # Nothing after the NaN was saved: the newest committed checkpoint is from before it and
     # holds finite weights.
     newest = latest_valid(tmp_path)
@@ -93,3 +93,19 @@ def test_gives_up_after_max_failures_with_the_ranks_error(parquet_tokens: Path) 
     msg = str(e.value)
     assert "failed ranks: [1]" in msg and "RuntimeError: bad batch on rank 1" in msg
     assert "already restarted 1 time(s) (max_failures = 1)" in msg
+
+
+def loss_not_a_scalar(outputs: Any, batch: Any) -> torch.Tensor:
+    return outputs.reshape(1).expand(4)  # a user's loss that forgot to reduce
+
+
+def test_code_that_fails_at_the_first_step_is_not_restarted(parquet_tokens: Path) -> None:
+    cfg = _runs.config(2, steps=6, num_workers=2, max_failures=3)
+    t0 = time.monotonic()
+    with pytest.raises(RunFailedError) as e:
+        zray.fit(config=cfg, data=str(parquet_tokens), loss=loss_not_a_scalar, progress=False)
+    msg = str(e.value)
+    assert "raised before the group completed a step" in msg, msg
+    assert "grad can be implicitly created only for scalar outputs" in msg
+    assert e.value.restarts == 0
+    assert time.monotonic() - t0 < 60

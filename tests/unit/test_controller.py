@@ -311,3 +311,20 @@ def test_recovery_takes_the_newer_of_memory_and_disk(ckpt: str | None, resumed: 
     else:
         assert g2.started_from == resumed
         assert "(step 8) is newer than the newest in-memory state" in c.status.decisions[2]
+
+
+def test_code_that_raises_before_the_first_step_is_not_restarted() -> None:
+    policy = FailurePolicy(max_failures=3)
+    bug = [
+        Failure(r, "error", "TypeError: forward() got an unexpected keyword", progressed=False)
+        for r in range(2)
+    ]
+    d = policy.decide(bug, restarts_so_far=0)
+    assert d.action is Action.GIVE_UP and "raised before the group completed a step" in d.reason
+    # The same error after a completed step, a timeout at the first step, or a lost process:
+    # a restart may cure those.
+    later = [Failure(0, "error", "TypeError: x", progressed=True)]
+    timeout = [Failure(0, "error", "RuntimeError: gloo timed out after 300 s", progressed=False)]
+    died = [Failure(1, "died", "actor died", progressed=False), *bug[:1]]
+    for failures in (later, timeout, died):
+        assert policy.decide(failures, restarts_so_far=0).action is Action.RESTART, failures

@@ -42,17 +42,17 @@ log = logging.getLogger("zray.controller")
 class RunFailedError(ZrayError):
     """The run gave up: one report merging what every failed rank said."""
 
-    def __init__(self, decision: Decision, failures: list[Failure]) -> None:
-        self.decision, self.failures = decision, failures
+    def __init__(self, decision: Decision, failures: list[Failure], restarts: int = 0) -> None:
+        self.decision, self.failures, self.restarts = decision, failures, restarts
         ranks = sorted({f.rank for f in failures})
         lines = [f"training failed ({decision.reason}); failed ranks: {ranks}"]
         for f in failures:
             lines.append(f"--- rank {f.rank} ({f.kind}) ---\n{f.message.rstrip()}")
         super().__init__("\n".join(lines))
 
-    def __reduce__(self) -> tuple[type, tuple[Decision, list[Failure]]]:
+    def __reduce__(self) -> tuple[type, tuple[Decision, list[Failure], int]]:
         # Crosses from the controller actor to the driver: rebuild from the parts.
-        return (RunFailedError, (self.decision, self.failures))
+        return (RunFailedError, (self.decision, self.failures, self.restarts))
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Controller:
         self._note(f"{decision.action.value}: {decision.reason}")
         if decision.action is Action.RESTART:
             return self._go(RunState.RECOVERING)
-        self.error = RunFailedError(decision, failures)
+        self.error = RunFailedError(decision, failures, self.restarts)
         self.status.error = str(self.error)
         if self.group is not None:
             self.group.shutdown()

@@ -139,7 +139,15 @@ class RayWorkerGroup:
                 out.failures.append(Failure(rank, "died", _first_line(e)))
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if hasattr(e, "cause") else None
-                out.failures.append(Failure(rank, "error", _tail(e), retryable=_retryable(cause)))
+                out.failures.append(
+                    Failure(
+                        rank,
+                        "error",
+                        _tail(e),
+                        retryable=_retryable(cause),
+                        progressed=self._progressed(rank),
+                    )
+                )
         if out.failures:
             return out
         refs = [a.report.remote() for a in self.actors]
@@ -157,6 +165,16 @@ class RayWorkerGroup:
             out.outcome = self._finished[0]
             out.outcomes = dict(self._finished)
         return out
+
+    def _progressed(self, rank: int) -> bool:
+        """Whether the rank completed a step before its run raised (its actor still answers)."""
+        import ray
+
+        try:
+            report = ray.get(self.actors[rank].report.remote(), timeout=10)
+        except Exception:
+            return True  # unknown: treat as transient
+        return report is None or report.steps_done > 0
 
     def request_pause(self) -> None:
         for actor in self.actors:

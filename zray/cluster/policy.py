@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -20,6 +21,9 @@ class Failure:
     message: str
     # False for errors a restart cannot cure (a bad config, a model that does not build).
     retryable: bool = True
+    # Whether the rank completed a step in this group before it failed (False: its code raised
+    # on its way to the first step, and would again after a restart).
+    progressed: bool = True
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,23 @@ class FailurePolicy:
     max_failures: int
 
     def decide(self, failures: list[Failure], restarts_so_far: int) -> Decision:
+        """Code that raised before its rank completed a step (a model bug, a loss that does not
+        reduce to a scalar) would raise again after a restart: that is given up at once, as are
+        errors marked not retryable; lost processes, nodes and timeouts restart."""
         what = "; ".join(
             f"rank {f.rank} {f.kind}: {f.message.splitlines()[-1][:200]}" for f in failures
         )
         if not all(f.retryable for f in failures):
             return Decision(Action.GIVE_UP, f"{what} — not retryable: a restart would fail again")
+        first_step = all(
+            f.kind == "error" and not f.progressed and not _looks_transient(f.message)
+            for f in failures
+        )
+        if first_step:
+            return Decision(
+                Action.GIVE_UP,
+                f"{what} — raised before the group completed a step: a restart would raise again",
+            )
         if restarts_so_far >= self.max_failures:
             return Decision(
                 Action.GIVE_UP,
@@ -47,7 +63,13 @@ class FailurePolicy:
                 f"(max_failures = {self.max_failures})",
             )
         return Decision(
-            Action.RESTART,
-            f"{what} — restart {restarts_so_far + 1} of at most {self.max_failures}, "
-            "from the last committed checkpoint",
+            Action.RESTART, f"{what} — restart {restarts_so_far + 1} of at most {self.max_failures}"
         )
+
+
+_TRANSIENT = re.compile(r"\b(timed out|timeout|connection|peer|broken pipe|nccl|gloo)\b", re.I)
+
+
+def _looks_transient(message: str) -> bool:
+    """Errors that name a lost peer or a timeout: a restart can cure those."""
+    return _TRANSIENT.search(message) is not None

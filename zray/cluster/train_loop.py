@@ -60,6 +60,7 @@ class Report:
     phase: str = "starting"  # starting | training | checkpointing | paused | done
     stage: int = 0
     copy_interval: float = 0.0  # steps between this rank's last two state copies (0: none yet)
+    steps_done: int = 0  # steps this process completed (exact: read when the report is asked)
     metrics: dict[str, Any] = field(default_factory=dict)  # see zray.metrics.worker
 
 
@@ -134,6 +135,7 @@ class TrainLoop:
         # A pause asked for by the controller; the ranks agree on the step (StepSignals).
         self._pause = threading.Event()
         self.copies: StateReplicator | None = None
+        self.steps_done = 0
         self.losses = LossLog()  # (step, global mean loss), the resumed history first
 
     def request_pause(self) -> None:
@@ -141,7 +143,7 @@ class TrainLoop:
 
     def report(self) -> Report:
         with self._lock:
-            return self._report
+            return Report(**{**self._report.__dict__, "steps_done": self.steps_done})
 
     def snapshots(self) -> list[tuple[int, PackedShard]]:
         """This rank's complete in-memory copies of its state (for recovery)."""
@@ -265,6 +267,7 @@ class TrainLoop:
             while engine.global_steps < max_steps:
                 tokens_before = counted.tokens
                 local = engine.train_batch(counted, loss_fn=self.spec.loss)
+                self.steps_done += 1
                 step = engine.global_steps
                 now = time.perf_counter()
                 step_s = now - t_step
