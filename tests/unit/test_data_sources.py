@@ -322,3 +322,13 @@ def test_ray_is_imported_only_for_a_ray_dataset(
     monkeypatch.setitem(sys.modules, "ray.data", None)
     for data in (table, parquet_dir, DictDataset(tokens)):
         as_source(data).take([1])
+
+
+def test_a_corrupt_parquet_file_is_named(tmp_path) -> None:  # noqa: ANN001
+    from zray.data import lm_tokens_table, write_parquet
+    from zray.models.data import synthetic_tokens
+
+    write_parquet(lm_tokens_table(synthetic_tokens(8, 4, 16, seed=1)), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"Parquet file '.*b\.parquet' cannot be read"):
+        as_source(str(tmp_path))

@@ -69,31 +69,47 @@ def read_parquet(paths: list[PathLike], columns: list[str] | None) -> pa.Table:
 
     Only the footers are read before the column check, so a typo in ``columns`` fails before
     any data is read. Files must share one schema (metadata aside); the error names the first
-    file that differs."""
+    file that differs, and a file that cannot be read (corrupt, truncated) is named too."""
     files = resolve_files(paths)
     tables = []
-    first_schema: pa.Schema | None = None
+    first: tuple[str, pa.Schema] | None = None
     for fs, path in files:
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            schema = pf.schema_arrow.remove_metadata()
-            if columns is not None:
-                missing = [c for c in columns if c not in schema.names]
-                if missing:
-                    raise DataError(
-                        f"columns {missing} are not in Parquet file {path!r}; allowed: "
-                        f"{schema.names}"
-                    )
-                schema = pa.schema([schema.field(c) for c in columns])
-            if first_schema is None:
-                first_schema = schema
-            elif not schema.equals(first_schema):
-                raise DataError(
-                    f"Parquet file {path!r} has schema {schema} but {files[0][1]!r} has "
-                    f"{first_schema}; allowed: one schema across all files"
-                )
-            tables.append(pf.read(columns=columns).replace_schema_metadata(None))
+        try:
+            schema, table = _read_one(fs, path, columns)
+        except DataError:
+            raise
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(
+                f"Parquet file {path!r} cannot be read ({type(e).__name__}: {e}); allowed: "
+                "readable Parquet files"
+            ) from None
+        if first is None:
+            first = (path, schema)
+        elif not schema.equals(first[1]):
+            raise DataError(
+                f"Parquet file {path!r} has schema {schema} but {first[0]!r} has "
+                f"{first[1]}; allowed: one schema across all files"
+            )
+        tables.append(table)
     return pa.concat_tables(tables)
+
+
+def _read_one(
+    fs: pafs.FileSystem, path: str, columns: list[str] | None
+) -> tuple[pa.Schema, pa.Table]:
+    """One file's schema (of the columns asked for) and its table."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow.remove_metadata()
+        if columns is not None:
+            missing = [c for c in columns if c not in schema.names]
+            if missing:
+                raise DataError(
+                    f"columns {missing} are not in Parquet file {path!r}; allowed: "
+                    f"{schema.names}"
+                )
+            schema = pa.schema([schema.field(c) for c in columns])
+        return schema, pf.read(columns=columns).replace_schema_metadata(None)
 
 
 def _fsync_dir(path: Path) -> None:
