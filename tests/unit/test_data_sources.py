@@ -324,7 +324,7 @@ def test_ray_is_imported_only_for_a_ray_dataset(
         as_source(data).take([1])
 
 
-def test_a_corrupt_parquet_file_is_named(tmp_path) -> None:  # noqa: ANN001
+def test_a_corrupt_parquet_file_is_named(tmp_path: Path) -> None:
     from zray.data import lm_tokens_table, write_parquet
     from zray.models.data import synthetic_tokens
 
