@@ -105,8 +105,7 @@ def _read_one(
             missing = [c for c in columns if c not in schema.names]
             if missing:
                 raise DataError(
-                    f"columns {missing} are not in Parquet file {path!r}; allowed: "
-                    f"{schema.names}"
+                    f"columns {missing} are not in Parquet file {path!r}; allowed: {schema.names}"
                 )
             schema = pa.schema([schema.field(c) for c in columns])
         return schema, pf.read(columns=columns).replace_schema_metadata(None)
