@@ -25,6 +25,8 @@ from zray.metrics.registry import METRICS, Kind, MetricSpec, Source
 
 log = logging.getLogger("zray.metrics")
 
+_PENDING_MAX = 10_000  # metrics log lines kept while the file cannot be written
+
 
 class RunMetrics(Collector):
     """Latest values for one run: per rank (worker metrics) and the controller's own."""
@@ -35,9 +37,17 @@ class RunMetrics(Collector):
         self._ranks: dict[int, tuple[str, str, dict[str, Any]]] = {}  # rank -> node, stage, vals
         self._controller: dict[str, Any] = {}
         self.jsonl = jsonl
-        if jsonl is not None:
-            jsonl.parent.mkdir(parents=True, exist_ok=True)
         self._logged_step: dict[int, float] = {}
+        # Lines not yet written (the disk was full or read-only): retried with the next line,
+        # at most _PENDING_MAX kept. Observability never takes training down.
+        self._pending: list[str] = []
+        self.write_failures = 0
+        self._warned: int | None = None  # the errno last warned about
+        if jsonl is not None:
+            try:
+                jsonl.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                self._failed(e)
 
     def update_rank(self, rank: int, node: str, stage: int, values: dict[str, Any]) -> None:
         with self._lock:
@@ -53,8 +63,35 @@ class RunMetrics(Collector):
                 "stage": stage,
                 **values,
             }
+            self._append(json.dumps(line, default=float) + "\n")
+
+    def _append(self, text: str) -> None:
+        assert self.jsonl is not None
+        self._pending.append(text)
+        del self._pending[:-_PENDING_MAX]
+        try:
             with open(self.jsonl, "a") as f:
-                f.write(json.dumps(line, default=float) + "\n")
+                f.write("".join(self._pending))
+        except OSError as e:
+            self._failed(e)
+            return
+        if self._warned is not None:
+            log.warning("metrics log %s: writing again", self.jsonl)
+            self._warned = None
+        self._pending.clear()
+
+    def _failed(self, e: OSError) -> None:
+        self.write_failures += 1
+        if self._warned != e.errno:
+            self._warned = e.errno
+            log.warning(
+                "metrics log %s: %s (errno %s); training goes on, the last %d lines are kept "
+                "and written when the file can be written again",
+                self.jsonl,
+                e.strerror or e,
+                e.errno,
+                _PENDING_MAX,
+            )
 
     def keep_ranks(self, ranks: set[int]) -> None:
         """Forget ranks that no longer exist (after a restart at a smaller size)."""
