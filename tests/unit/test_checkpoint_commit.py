@@ -255,3 +255,13 @@ def test_errors_survive_pickling() -> None:
     ):
         back = pickle.loads(pickle.dumps(e))
         assert type(back) is type(e) and str(back) == str(e)
+
+
+def test_a_newest_checkpoint_without_its_marker_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    save_ok(tmp_path, 1, make_shards(2))
+    step2 = save_ok(tmp_path, 2, make_shards(2))
+    (step2 / COMMITTED).unlink()  # removed by hand, or a save that never finished
+    with pytest.warns(
+        CheckpointWarning, match=rf"skipping checkpoint .*{step_dir_name(2)}: it has no"
+    ):
+        assert latest_valid(tmp_path) == tmp_path / step_dir_name(1)

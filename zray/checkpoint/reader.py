@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 from zray.checkpoint.coverage import SavedRange
 from zray.checkpoint.format import (
+    COMMITTED,
     FORMAT,
     MANIFEST,
     CheckpointCorruptError,
@@ -37,6 +38,7 @@ from zray.checkpoint.format import (
     CheckpointWarning,
     committed_dirs,
     numel,
+    parse_step_dir_name,
     range_tensor_key,
     read_marker,
     sha256_files,
@@ -335,13 +337,14 @@ def latest_valid(root: Path | str, *, verify_data: bool = True) -> Path | None:
     manifest and the files' presence and sizes are checked; a corrupt data file then surfaces as
     CheckpointCorruptError when a reader first opens it.
     """
-    for _, _, d in committed_dirs(Path(root)):
+    for _, step, d in committed_dirs(Path(root)):
         try:
             with CheckpointReader(d, verify=verify_data) as r:
                 if verify_data:
                     r.verify_all()
                 else:
                     _check_sizes(r)
+            _warn_uncommitted(Path(root), after=step)
             return d
         except CheckpointFormatError as e:
             warnings.warn(
@@ -349,7 +352,22 @@ def latest_valid(root: Path | str, *, verify_data: bool = True) -> Path | None:
                 CheckpointWarning,
                 stacklevel=2,
             )
+    _warn_uncommitted(Path(root), after=-1)
     return None
+
+
+def _warn_uncommitted(root: Path, after: int) -> None:
+    """Name the step dirs newer than the one chosen that have no COMMITTED marker (a save that
+    was interrupted, or a marker removed): they are skipped, not silently."""
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        step = parse_step_dir_name(d.name)
+        if step is not None and step > after and d.is_dir() and read_marker(d) is None:
+            warnings.warn(
+                f"skipping checkpoint {d}: it has no {COMMITTED} marker (a save that did not "
+                "finish, or the marker was removed); using the newest committed one before it",
+                CheckpointWarning,
+                stacklevel=3,
+            )
 
 
 def _check_sizes(r: CheckpointReader) -> None:
