@@ -265,3 +265,42 @@ def test_a_newest_checkpoint_without_its_marker_is_skipped_with_a_warning(tmp_pa
         CheckpointWarning, match=rf"skipping checkpoint .*{step_dir_name(2)}: it has no"
     ):
         assert latest_valid(tmp_path) == tmp_path / step_dir_name(1)
+
+
+def test_a_full_disk_names_the_file_and_the_bytes_and_keeps_the_previous(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import zray.checkpoint.atomic_stream as stream
+    from zray.checkpoint.format import CheckpointWriteError
+
+    save_ok(tmp_path, 1, make_shards(2))
+    real = stream.open_atomic
+
+    class Full:
+        def __init__(self, f: object) -> None:
+            self.f = f
+
+        def write(self, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.f, name)
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def full_disk(path: Path):  # noqa: ANN202 (a context manager like open_atomic)
+        with real(path) as f:
+            yield Full(f)
+
+    monkeypatch.setattr("zray.checkpoint.safetensors_io.open_atomic", full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        save_shard(tmp_path, 2, make_shards(2)[0])
+    msg = str(info.value)
+    assert f"writing {tmp_path / step_dir_name(2) / data_file_name(0, 2)}" in msg
+    assert "No space left on device" in msg and "GB wanted" in msg and "GB free there" in msg
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    monkeypatch.undo()
+    assert latest_valid(tmp_path) == tmp_path / step_dir_name(1)

@@ -87,6 +87,40 @@ class CheckpointCommitTimeout(ZrayError, TimeoutError):
         return (type(self), (self.step_dir, self.missing_ranks, self.waited_s, self.detail))
 
 
+class CheckpointWriteError(ZrayError, OSError):
+    """A checkpoint file could not be written (disk full, read-only, quota): names the file,
+    the operation, the bytes wanted and the room there was. The previous committed checkpoint
+    is untouched (writes go to a temporary name first)."""
+
+    def __init__(self, path: str, operation: str, wanted: int, cause: OSError) -> None:
+        self.path, self.operation, self.wanted = path, operation, wanted
+        free = _free_bytes(path)
+        room = "" if free is None else f", {free / 1e9:.2f} GB free there"
+        super().__init__(
+            cause.errno,
+            f"{operation} {path}: {cause.strerror or cause} ({wanted / 1e9:.3f} GB wanted{room}); "
+            "the previous committed checkpoint is kept",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int, OSError]]:
+        return (type(self), (self.path, self.operation, self.wanted, OSError(*self.args)))
+
+
+def _free_bytes(path: str) -> int | None:
+    import shutil
+
+    p = Path(path)
+    for candidate in (p.parent, *p.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint problem that does not stop the job: a committed checkpoint that failed
     verification and was passed over for an older one, an old one that could not be deleted."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from zray.checkpoint.atomic_stream import open_atomic
+from zray.checkpoint.format import CheckpointWriteError
 
 # torch dtype -> safetensors dtype name.
 _DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -95,8 +96,20 @@ def write_safetensors(
     """
     # safetensors data is little-endian; torch's in-memory layout is the host's.
     assert sys.byteorder == "little", "writing safetensors needs a little-endian host"
-    h = hashlib.sha256()
     head = _header(specs, metadata or {})
+    try:
+        return _write(path, specs, tensors, head)
+    except CheckpointWriteError:
+        raise
+    except OSError as e:  # ENOSPC, EROFS, EDQUOT...: name the file and the bytes
+        wanted = len(head) + sum(s.nbytes for s in specs)
+        raise CheckpointWriteError(str(path), "writing", wanted, e) from None
+
+
+def _write(
+    path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor], head: bytes
+) -> tuple[str, int]:
+    h = hashlib.sha256()
     h.update(head)
     total = len(head)
     with open_atomic(path) as f:

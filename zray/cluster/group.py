@@ -212,9 +212,18 @@ class RayWorkerGroup:
 
 def _retryable(cause: BaseException | None) -> bool:
     """Errors a restart cannot cure: bad configs or data, code that does not import."""
+    from zray.checkpoint.format import CheckpointWriteError
     from zray.data.errors import DataError
 
-    permanent = (ConfigError, DataError, NonFiniteError, ImportError, SyntaxError)
+    # A disk that cannot take the checkpoint stays so across a restart: say so once, at once.
+    permanent = (
+        ConfigError,
+        DataError,
+        NonFiniteError,
+        CheckpointWriteError,
+        ImportError,
+        SyntaxError,
+    )
     return not isinstance(cause, permanent)
 
 
