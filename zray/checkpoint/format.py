@@ -94,11 +94,12 @@ class CheckpointWriteError(ZrayError, OSError):
 
     def __init__(self, path: str, operation: str, wanted: int, cause: OSError) -> None:
         self.path, self.operation, self.wanted = path, operation, wanted
+        self.reason = cause.strerror or str(cause)
         free = _free_bytes(path)
         room = "" if free is None else f", {free / 1e9:.2f} GB free there"
         super().__init__(
             cause.errno,
-            f"{operation} {path}: {cause.strerror or cause} ({wanted / 1e9:.3f} GB wanted{room}); "
+            f"{operation} {path}: {self.reason} ({wanted / 1e9:.3f} GB wanted{room}); "
             "the previous committed checkpoint is kept",
         )
 
@@ -106,7 +107,8 @@ class CheckpointWriteError(ZrayError, OSError):
         return str(self.args[1])
 
     def __reduce__(self) -> tuple[type, tuple[str, str, int, OSError]]:
-        return (type(self), (self.path, self.operation, self.wanted, OSError(*self.args)))
+        cause = OSError(self.errno, self.reason)
+        return (type(self), (self.path, self.operation, self.wanted, cause))
 
 
 def _free_bytes(path: str) -> int | None:
