@@ -302,5 +302,6 @@ def test_a_full_disk_names_the_file_and_the_bytes_and_keeps_the_previous(
     assert f"writing {tmp_path / step_dir_name(2) / data_file_name(0, 2)}" in msg
     assert "No space left on device" in msg and "GB wanted" in msg and "GB free there" in msg
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert str(pickle.loads(pickle.dumps(info.value))) == msg  # crosses Ray to the driver
     monkeypatch.undo()
     assert latest_valid(tmp_path) == tmp_path / step_dir_name(1)
