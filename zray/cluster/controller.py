@@ -116,6 +116,7 @@ class Controller:
         self._step_at_failure: int | None = None  # set on failure, settled by the next group
         self._resume: Resume = None  # in-memory shards for the next group, when there are
         self._last_scale_check = clock()
+        self._last_capacity = 0  # the capacity the last sizing decision saw
         self._waiting_since: float | None = None
         self._resize_started: float | None = None
         # After a handover for a grow: the size wanted, and until when to wait for the old
@@ -155,7 +156,7 @@ class Controller:
 
     def _target_size(self, current: int) -> int | None:
         """The largest valid world size that fits the capacity (None: not even the minimum)."""
-        cap = self.capacity(current)
+        cap = self._last_capacity = self.capacity(current)
         fits = [n for n in self.valid_sizes if n <= cap]
         return fits[-1] if fits else None
 
@@ -195,9 +196,10 @@ class Controller:
         self._want = None
         if size is None:
             self._waiting_since = self.clock()
+            # The capacity the decision was taken on (probing again could give another count).
             self._note(
-                f"wait: capacity for {self.capacity(0)} workers, fewer than the minimum "
-                f"{self.min_workers}"
+                f"wait: capacity for {self._last_capacity} workers; the run trains at "
+                f"{self.valid_sizes} workers (the sizes that keep its global batch)"
             )
             return self._go(RunState.WAITING)
         resume = self._resume if self._resume is not None else self.latest_checkpoint()
