@@ -305,3 +305,32 @@ def test_a_full_disk_names_the_file_and_the_bytes_and_keeps_the_previous(
     assert str(pickle.loads(pickle.dumps(info.value))) == msg  # crosses Ray to the driver
     monkeypatch.undo()
     assert latest_valid(tmp_path) == tmp_path / step_dir_name(1)
+
+
+def test_a_piece_left_by_an_earlier_run_is_never_committed_with_a_new_runs(tmp_path: Path) -> None:
+    """Two zray.fit runs in one directory: the first was killed after rank 1 wrote its piece of
+    step 4; the second run's rank 0 saves step 4 (same attempt number, 0) and must not commit
+    the first run's rank-1 piece beside its own (before run ids, both ids were 'attempt0-step4')."""
+    from zray.cluster.train_loop import RunSpec, checkpoint_save_id
+
+    first, second = RunSpec({}, "m:f", None), RunSpec({}, "m:f", None)
+    assert first.run_id != second.run_id
+    old, new = full_tensors(seed=1), full_tensors(seed=2)
+    (err,) = save_all(
+        tmp_path,
+        4,
+        make_shards(2, full=old),
+        ranks=[1],
+        save_id=checkpoint_save_id(first.run_id, 0, 4),
+    )
+    assert err is None
+    (err,) = save_all(
+        tmp_path,
+        4,
+        make_shards(2, full=new),
+        ranks=[0],
+        commit_timeout=0.2,
+        save_id=checkpoint_save_id(second.run_id, 0, 4),
+    )
+    assert isinstance(err, CheckpointCommitTimeout) and err.missing_ranks == [1]
+    assert latest_valid(tmp_path) is None  # nothing mixed was committed

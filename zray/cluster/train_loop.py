@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,10 @@ class RunSpec:
     data: Any  # anything zray.data.as_source accepts (or a Ray ObjectRef to it)
     loss: Callable[[Any, Any], torch.Tensor] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Unique to this zray.fit call (the spec is made once and pickled to every worker): checkpoint
+    # pieces carry it, so a piece an earlier, killed run left in the same directory is never
+    # committed beside this run's.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,11 @@ class RunOutcome:
     # state, which the next group restores from memory instead of disk.
     paused: bool = False
     handover: RankShard | None = None
+
+
+def checkpoint_save_id(run_id: str, attempt: int, step: int) -> str:
+    """The id every rank's checkpoint piece of one save carries (see save_shard's save_id)."""
+    return f"{run_id}-attempt{attempt}-step{step}"
 
 
 def build_model(spec: RunSpec, cfg: Config) -> nn.Module:
@@ -244,9 +254,10 @@ class TrainLoop:
             nbytes = sum(
                 t.numel() * t.element_size() for r in shard.ranges for t in r.tensors.values()
             )
-            # The same id on every rank of this attempt: a step saved again after a restart
-            # can never commit a mix of the old attempt's files and the new one's.
-            save_id = f"attempt{self.attempt}-step{step}"
+            # The same id on every rank of this run and attempt: a step saved again after a
+            # restart, or by another run in the same directory, can never commit a mix of the
+            # old files and the new ones.
+            save_id = checkpoint_save_id(self.spec.run_id, self.attempt, step)
             if saver is not None:
                 # capture() already copied to CPU: the snapshot needs no second copy.
                 saver.save(
