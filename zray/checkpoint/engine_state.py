@@ -93,9 +93,11 @@ class StateLayout:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.sources)
 
-    def signature(self) -> tuple[tuple[int, int, str], ...]:
-        """Identity of the sources (a layout stays valid while this is unchanged)."""
-        return tuple((t.data_ptr(), t.numel(), str(t.dtype)) for t in self.sources)
+    def signature(self) -> tuple[tuple[int, str], ...]:
+        """Sizes and dtypes of the sources: host buffers made for one layout fit another with
+        the same signature (a source may move: Adam's step count goes to the GPU at the first
+        step after a load)."""
+        return tuple((t.numel(), str(t.dtype)) for t in self.sources)
 
 
 def state_layout(engine: Engine) -> StateLayout:

@@ -174,9 +174,11 @@ class StateReplicator:
         """Start a copy of the state of `step` (every rank agreed to). Device state: copies
         queued on a side stream, and the next optimizer update fenced behind them."""
         assert self.phase is CopyPhase.IDLE and self._layout is not None
-        if state_layout(self.engine).signature() != self._layout.signature():
-            self._disable("the optimizer's state tensors changed during training")
+        layout = state_layout(self.engine)  # the tensors as they are now
+        if layout.signature() != self._layout.signature():
+            self._disable("the optimizer's state changed shape during training")
             return
+        self._layout = layout
         buf = self._free_buffer()
         with self._lock:
             buf.step, buf.meta = None, None
