@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from zray.cluster.controller import RunStatus
-from zray.cluster.train_loop import RunSpec
 from zray.config import Config
 from zray.env import ray_address, ray_auth_mode
 from zray.errors import ConfigError
+from zray.models.data import synthetic_table
 from zray.preflight import preflight
+from zray.trainer import RunSpec
 
 log = logging.getLogger("zray")
 
@@ -159,23 +160,6 @@ def _ensure_ray(address: str | None, num_workers: int, use_gpu: bool) -> bool:
     return True
 
 
-def _synthetic(data: Any) -> Any:
-    """{"synthetic": {...}} -> an Arrow table of Markov-chain tokens (tests and the demo)."""
-    if not (isinstance(data, dict) and "synthetic" in data):
-        return data
-    from zray.data.sources import lm_tokens_table
-    from zray.models.data import synthetic_tokens
-
-    spec = data["synthetic"]
-    tokens = synthetic_tokens(
-        int(spec.get("n_samples", 4096)),
-        int(spec["seq_len"]),
-        int(spec["vocab_size"]),
-        seed=int(spec.get("seed", 1)),
-    )
-    return lm_tokens_table(tokens)
-
-
 def fit(
     model: Callable[..., nn.Module] | str | None = None,
     data: Any = None,
@@ -234,7 +218,7 @@ def fit(
     started = _ensure_ray(address, run.max_workers, run.use_gpu)
     show = ProgressLine(run.max_steps) if progress is True else (progress or None)
     try:
-        data = _synthetic(data)
+        data = synthetic_table(data)
         if not isinstance(data, (str, os.PathLike, list, tuple)):
             data = ray.put(data)  # into the object store once, not pickled per worker
         spec = RunSpec(config=cfg.to_dict(), model=model, data=data, loss=loss)

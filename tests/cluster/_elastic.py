@@ -31,6 +31,7 @@ def main(parquet: str) -> None:
     )
     events: dict[str, int] = {}
     seen: list[tuple[int, int, str, str, int]] = []
+    copied: list[int | None] = []  # the newest step every rank had a copy of, at the removal
 
     def drive(st: RunStatus) -> None:
         seen.append((st.step, st.world_size, st.state.value, st.phase, len(st.worker_nodes)))
@@ -44,6 +45,7 @@ def main(parquet: str) -> None:
             victim = next(n for n in nodes if n.node_id == st.worker_nodes[2])
             cluster.remove_node(victim)
             events["removed"] = st.step
+            copied.append(st.copy_step)
 
     cfg = _runs.config(
         1, steps=steps, num_workers=[2, 3], scale_interval_s=1.0, replica_interval=1, max_failures=3
@@ -58,6 +60,7 @@ def main(parquet: str) -> None:
                 "resizes": elastic.resizes,
                 "restarts": elastic.restarts,
                 "lost_steps": elastic.lost_steps,
+                "copy_step_at_removal": copied[0] if copied else None,
                 "decisions": elastic.decisions,
                 "seen": seen,
                 "world_sizes": sorted({w for _, w, s, _, _ in seen if s == "running"}),

@@ -8,7 +8,7 @@ from zray.cluster.controller import Controller, RunFailedError
 from zray.cluster.group import GroupPoll, GroupStartError
 from zray.cluster.policy import Action, Failure, FailurePolicy
 from zray.cluster.state import TRANSITIONS, RunState, check_transition
-from zray.cluster.train_loop import Report, RunOutcome
+from zray.trainer import Report, RunOutcome
 
 
 class FakeGroup:

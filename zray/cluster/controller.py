@@ -30,8 +30,8 @@ from zray.checkpoint.shard import PackedShard
 from zray.cluster.group import GroupPoll, GroupStartError, WorkerGroup
 from zray.cluster.policy import Action, Decision, Failure, FailurePolicy
 from zray.cluster.state import RunState, check_transition
-from zray.cluster.train_loop import Report, Resume, RunOutcome
 from zray.errors import ZrayError
+from zray.trainer import Report, Resume, RunOutcome
 
 if TYPE_CHECKING:
     from zray.metrics.exporter import RunMetrics
@@ -63,6 +63,9 @@ class RunStatus:
     tokens_per_s: float = 0.0  # all ranks, over the last ~20 s
     mfu: float | None = None  # rank 0's model FLOPs utilisation over the same window
     copy_interval: float = 0.0  # steps between rank 0's last two in-memory state copies
+    # The newest step every rank has an acknowledged in-memory copy of: where a recovery
+    # without disk would go back to, at least (None: no copy everywhere yet).
+    copy_step: int | None = None
     world_size: int = 0
     restarts: int = 0
     resizes: int = 0
@@ -344,6 +347,10 @@ class Controller:
         self.status.tokens_per_s = lead.tokens_per_s
         self.status.mfu = lead.mfu
         self.status.copy_interval = lead.copy_interval
+        copied = [r.copy_step for r in ordered]
+        if len(copied) == self.status.world_size:
+            known = [c for c in copied if c is not None]
+            self.status.copy_step = min(known) if len(known) == len(copied) else None
         self.status.checkpoint_step = lead.checkpoint_step
         self.status.phase = lead.phase
         if self._step_at_failure is not None and lead.phase == "training":

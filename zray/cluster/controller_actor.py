@@ -13,9 +13,9 @@ from zray.checkpoint.shard import PackedShard
 from zray.cluster.controller import Controller, RunStatus
 from zray.cluster.group import RayWorkerGroup
 from zray.cluster.policy import FailurePolicy
-from zray.cluster.train_loop import RunOutcome, RunSpec
 from zray.config import Config
 from zray.metrics.exporter import Exporter, RunMetrics
+from zray.trainer import RunOutcome, RunSpec
 
 log = logging.getLogger("zray.controller")
 

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 from zray.checkpoint.shard import PackedShard
 from zray.cluster.policy import Failure
-from zray.cluster.train_loop import Report, Resume, RunOutcome, RunSpec
 from zray.errors import ConfigError, NonFiniteError, ZrayError
+from zray.trainer import Report, Resume, RunOutcome, RunSpec
 
 
 class GroupStartError(ZrayError):
@@ -36,11 +36,6 @@ class WorkerGroup(Protocol):
     size: int
 
     def start(self, resume: Resume, attempt: int) -> None: ...
-    def _holder(self, rank: int) -> Any:
-        if not self.replicas:
-            return None
-        return self.actors[(rank + 1) % self.size] if self.size > 1 else self.solo_holder
-
     def poll(self) -> GroupPoll: ...
     def request_pause(self) -> None: ...
     def snapshots(self) -> dict[int, list[tuple[int, PackedShard]]]: ...
@@ -135,7 +130,7 @@ class RayWorkerGroup:
                 continue
             try:
                 self._finished[rank] = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
                 out.failures.append(Failure(rank, "died", _first_line(e)))
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if hasattr(e, "cause") else None
@@ -154,7 +149,7 @@ class RayWorkerGroup:
         for rank, ref in enumerate(refs):
             try:
                 report = ray.get(ref, timeout=30)
-            except ray.exceptions.RayActorError as e:
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
                 out.failures.append(Failure(rank, "died", _first_line(e)))
                 continue
             except ray.exceptions.GetTimeoutError:
@@ -188,7 +183,13 @@ class RayWorkerGroup:
         for actor in self.actors:
             try:
                 held = ray.get(actor.snapshots.remote(), timeout=60)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            except (
+                ray.exceptions.RayActorError,
+                ray.exceptions.GetTimeoutError,
+                # The answer was stored on the holder's node, which went away before it was
+                # fetched (two nodes lost at once): as good as a dead holder.
+                ray.exceptions.ObjectLostError,
+            ):
                 continue  # dead (or hung): its snapshots died with it
             for rank, snaps in held.items():
                 merged.setdefault(rank, []).extend(snaps)

@@ -1,4 +1,4 @@
-"""The Worker actor: one per GPU (or CPU slot), hosting one TrainLoop.
+"""The Worker actor: one per GPU (or CPU slot), hosting one Trainer (zray/trainer.py).
 
 Several threads (max_concurrency): `run()` trains in one; `report()`, `request_pause()`,
 `keep_replica()` and `snapshots()` answer in the others, also while training is blocked in a
@@ -15,12 +15,12 @@ import ray
 
 from zray.checkpoint.replica import ReplicaStore
 from zray.checkpoint.shard import PackedShard
-from zray.cluster.train_loop import Report, Resume, RunOutcome, RunSpec, TrainLoop
 from zray.launch import free_port
+from zray.trainer import Report, Resume, RunOutcome, RunSpec, Trainer
 
 
 def send_to(holder: Any, rank: int) -> Callable[[int, PackedShard], Callable[[], None]]:
-    """A TrainLoop `send_copy` that hands copies to `holder`'s keep_replica (an actor)."""
+    """A Trainer `send_copy` that hands copies to `holder`'s keep_replica (an actor)."""
 
     def send(step: int, packed: PackedShard) -> Callable[[], None]:
         ref = holder.keep_replica.remote(rank, step, packed)
@@ -32,7 +32,7 @@ def send_to(holder: Any, rank: int) -> Callable[[int, PackedShard], Callable[[],
 @ray.remote(max_concurrency=4)
 class Worker:
     def __init__(self) -> None:
-        self.loop: TrainLoop | None = None
+        self.loop: Trainer | None = None
         self.replicas = ReplicaStore()
 
     def rendezvous(self) -> tuple[str, int]:
@@ -52,8 +52,13 @@ class Worker:
         holder: Any = None,
     ) -> RunOutcome:
         send = send_to(holder, rank) if holder is not None else None
-        self.loop = TrainLoop(spec, rank, world, master_addr, master_port, resume, attempt, send)
-        return self.loop.run()
+        # What the Trainer gets holds no Ray objects: the data and the in-memory state to
+        # resume from may come as refs into the object store.
+        spec = replace(spec, data=_resolve(spec.data))
+        if isinstance(resume, list):
+            resume = [_resolve(item) for item in resume]
+        self.loop = Trainer(spec, rank, world, master_addr, master_port, resume, attempt, send)
+        return self.loop.train()
 
     def report(self) -> Report | None:
         if self.loop is None:
@@ -74,3 +79,7 @@ class Worker:
         if self.loop is not None:
             out.setdefault(self.loop.rank, []).extend(self.loop.snapshots())
         return out
+
+
+def _resolve(item: Any) -> Any:
+    return ray.get(item) if isinstance(item, ray.ObjectRef) else item

@@ -9,6 +9,8 @@ small GPT's loss falls clearly within ~100 AdamW steps.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # Successor probabilities, most likely first (entropy 0.91 nats).
@@ -63,3 +65,20 @@ def lm_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         "input_ids": tokens[:, :-1].contiguous(),
         "labels": tokens[:, 1:].contiguous(),
     }
+
+
+def synthetic_table(data: Any) -> Any:
+    """{"synthetic": {"seq_len", "vocab_size", "n_samples", "seed"}} -> an Arrow table of
+    Markov-chain tokens (input_ids / labels; the demo and tests); anything else as it is."""
+    if not (isinstance(data, dict) and "synthetic" in data):
+        return data
+    from zray.data.sources import lm_tokens_table
+
+    spec = data["synthetic"]
+    tokens = synthetic_tokens(
+        int(spec.get("n_samples", 4096)),
+        int(spec["seq_len"]),
+        int(spec["vocab_size"]),
+        seed=int(spec.get("seed", 1)),
+    )
+    return lm_tokens_table(tokens)
