@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,23 @@ from zray.metrics.registry import METRICS, Kind, MetricSpec, Source
 log = logging.getLogger("zray.metrics")
 
 _PENDING_MAX = 10_000  # metrics log lines kept while the file cannot be written
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append `data` to `path` entirely or not at all: a full disk can take part of a write,
+    which is taken back (the log would otherwise hold half a line)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 class RunMetrics(Collector):
@@ -70,8 +88,7 @@ class RunMetrics(Collector):
         self._pending.append(text)
         del self._pending[:-_PENDING_MAX]
         try:
-            with open(self.jsonl, "a") as f:
-                f.write("".join(self._pending))
+            _append_whole(self.jsonl, "".join(self._pending).encode())
         except OSError as e:
             self._failed(e)
             return
