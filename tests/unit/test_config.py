@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 
-from zray import _config_fields
 from zray.config import (
     IGNORED_KEYS,
     BatchSizes,
@@ -23,6 +22,7 @@ from zray.config import (
     ZeroConfig,
     ZrayConfigWarning,
 )
+from zray.config import fields as _config_fields
 from zray.errors import NOT_GIVEN, ZrayError
 
 # Hugging Face's documented ZeRO-3 config (transformers' ds_config_zero3.json), "auto" and all.

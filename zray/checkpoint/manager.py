@@ -20,7 +20,7 @@ from zray.checkpoint.writer import save_shard
 from zray.metrics.progress import LossLog
 
 if TYPE_CHECKING:
-    from zray._config_run import RunConfig
+    from zray.config.run import RunConfig
     from zray.engine import Engine
     from zray.metrics.worker import WorkerMetrics
 

@@ -43,7 +43,7 @@ class ControllerActor:
         run_name: str,
         metrics_dir: str | None,
     ) -> None:
-        from zray.cluster.elastic import config_for_world, plan_run
+        from zray.config.batch import config_for_world, plan_run
 
         cfg = Config.from_dict(spec.config)
         run = cfg.zray

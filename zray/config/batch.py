@@ -41,12 +41,17 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from zray.config import BatchSizes, Config, ElasticityConfig
+from zray.config.run import ElasticityConfig
 from zray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from zray.config.root import Config
 
 __all__ = [
     "HIGHLY_COMPOSITE",
+    "BatchSizes",
     "SizePlan",
     "best_world",
     "config_for_world",
@@ -66,6 +71,15 @@ HIGHLY_COMPOSITE: tuple[int, ...] = (
 
 # How many skipped sizes an error message lists before eliding the rest.
 _MAX_REASONS_SHOWN = 4
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """Resolved batch sizes: train_batch_size = micro_batch_per_gpu * gas * dp world size."""
+
+    train_batch_size: int
+    micro_batch_per_gpu: int
+    gradient_accumulation_steps: int
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypeVar, Union
 
-from zray._config_ignored import IGNORED_KEYS
+from zray.config.ignored import IGNORED_KEYS
 from zray.errors import NOT_GIVEN, ConfigError, ZrayConfigWarning
 
 # Hugging Face's Trainer writes "auto" wherever it fills a value in itself; zray reads it as

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from zray._config_fields import (
+from zray.config.fields import (
     AUTO,
     bounds_text,
     check_bounds,

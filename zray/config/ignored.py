@@ -1,6 +1,6 @@
 """The DeepSpeed config keys zray reads and knowingly ignores, each with the reason.
 
-This is the one list of them: `zray._config_fields.check_keys` consults it for every section, so
+This is the one list of them: `zray.config.fields.check_keys` consults it for every section, so
 an ignored key is accepted wherever it sits, and a typo of it still gets a did-you-mean.
 """
 

@@ -1,6 +1,6 @@
 """zray's run-time sections: DeepSpeed's "elasticity" block and zray's own "zray" run section.
 
-Split from `_config_sections` (the training-step sections); same conventions: field names and
+Split from `config.sections` (the training-step sections); same conventions: field names and
 defaults beside their constraints, cross-field rules in each section's `_check`.
 """
 
@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from zray._config_fields import (
+from zray.config.fields import (
     Section,
     meta,
 )
@@ -27,7 +27,7 @@ class ElasticityConfig(Section):
     When enabled, the global batch is chosen from `micro_batch_sizes` and `max_train_batch_size`
     by DeepSpeed's rule (the candidate valid for the most world sizes in min_gpus..max_gpus,
     intersected in zray with zray.num_workers), and each world size gets the largest micro-batch
-    that divides its share; `zray.cluster.elastic` does the planning. Names, defaults and checks
+    that divides its share; `zray.config.batch` does the planning. Names, defaults and checks
     are DeepSpeed's, except that max_train_batch_size and micro_batch_sizes have no defaults
     (DeepSpeed's 2000 and [2, 4, 6] are never used: enabling requires both).
     """
@@ -139,7 +139,7 @@ class RunConfig(Section):
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: str | tuple[str, ...] | dict[str, Any] | None = None  # path(s) or a reader spec
     # A fixed int, or [min, max]: an elastic run that grows and shrinks between the two (see
-    # min_workers / max_workers / elastic, and zray.cluster.elastic for the batch at each size).
+    # min_workers / max_workers / elastic, and zray.config.batch for the batch at each size).
     num_workers: int | tuple[int, int] = 1
     max_steps: int | None = field(default=None, metadata=meta(gt=0))
     seed: int = field(default=0, metadata=meta(ge=0))

@@ -1,4 +1,4 @@
-"""Tests for zray.cluster.elastic: the batch plan at every world size of an elastic run."""
+"""Tests for zray.config.batch: the batch plan at every world size of an elastic run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from zray.cluster.elastic import (
+from zray.config import BatchSizes, Config, ConfigError, ZrayConfigWarning
+from zray.config.batch import (
     HIGHLY_COMPOSITE,
     SizePlan,
     best_world,
@@ -17,7 +18,6 @@ from zray.cluster.elastic import (
     plan_sizes,
     valid_worlds,
 )
-from zray.config import BatchSizes, Config, ConfigError, ZrayConfigWarning
 
 B, M, G = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from zray._config_fields import (
+from zray.config.fields import (
     AUTO,
     Section,
     check_choice,
@@ -20,7 +20,7 @@ from zray._config_fields import (
     plain,
     warn_once,
 )
-from zray._config_schedulers import SCHEDULER_TYPES, check_scheduler_params
+from zray.config.schedulers import SCHEDULER_TYPES, check_scheduler_params
 from zray.errors import NOT_GIVEN, ConfigError
 
 _ADAM_PARAMS = (
@@ -118,7 +118,7 @@ class OptimizerConfig(Section):
 @dataclass(frozen=True)
 class SchedulerConfig(Section):
     """DeepSpeed's "scheduler" section. `params` holds every parameter of the type, defaults
-    filled in (see `zray._config_schedulers` for the names and defaults per type)."""
+    filled in (see `zray.config.schedulers` for the names and defaults per type)."""
 
     _path: ClassVar[str] = "scheduler"
 

@@ -1,15 +1,5 @@
-"""One typed config tree that reads DeepSpeed's JSON config as DeepSpeed users write it.
-
-    cfg = Config.load("ds_config.json")        # or a dict, a .yaml file, a Config, or None
-    sizes = cfg.resolve_batch(dp_world_size=8)  # train_batch_size = micro * gas * world
-
-Sections are frozen dataclasses named after DeepSpeed's keys (`cfg.zero_optimization.stage`,
-`cfg.fp16.loss_scale`, ...), plus zray's own run section `cfg.zray`. Every value is checked when a
-section is built, from JSON or in Python; a bad key or value raises `ConfigError` naming the
-dotted key, the value and what is allowed. "auto" (written by Hugging Face) means "use the default
-/ derive it". DeepSpeed keys zray knowingly ignores are listed in `IGNORED_KEYS` and warned about
-once per process. Change a built config with `dataclasses.replace`, which re-runs the checks.
-"""
+"""The root of the config tree: `Config`, DeepSpeed's top-level keys and the sections under
+them (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -24,50 +14,21 @@ from typing import Any, ClassVar
 
 import torch
 
-from zray._config_fields import AUTO, IGNORED_KEYS, Section, build, coerce, meta, warn_once
-from zray._config_run import ElasticityConfig, RunConfig
-from zray._config_schedulers import SCHEDULER_TYPES
-from zray._config_sections import (
-    OPTIMIZER_PARAMS,
+from zray.config.batch import BatchSizes, plan_sizes
+from zray.config.fields import IGNORED_KEYS, Section, build, coerce, meta, warn_once
+from zray.config.run import ElasticityConfig, RunConfig
+from zray.config.sections import (
     ActivationCheckpointingConfig,
     BF16Config,
     DataTypesConfig,
     FlopsProfilerConfig,
     FP16Config,
-    OffloadConfig,
-    OffloadOptimizerConfig,
-    OffloadParamConfig,
     OptimizerConfig,
     SchedulerConfig,
     TensorParallelConfig,
     ZeroConfig,
 )
-from zray.errors import ConfigError, ZrayConfigWarning
-
-__all__ = [
-    "AUTO",
-    "IGNORED_KEYS",
-    "OPTIMIZER_PARAMS",
-    "SCHEDULER_TYPES",
-    "ActivationCheckpointingConfig",
-    "BF16Config",
-    "BatchSizes",
-    "Config",
-    "ConfigError",
-    "DataTypesConfig",
-    "ElasticityConfig",
-    "FP16Config",
-    "FlopsProfilerConfig",
-    "OffloadConfig",
-    "OffloadOptimizerConfig",
-    "OffloadParamConfig",
-    "OptimizerConfig",
-    "RunConfig",
-    "SchedulerConfig",
-    "TensorParallelConfig",
-    "ZeroConfig",
-    "ZrayConfigWarning",
-]
+from zray.errors import ConfigError
 
 _TBS = "train_batch_size"
 _MICRO = "train_micro_batch_size_per_gpu"
@@ -76,15 +37,6 @@ _GAS = "gradient_accumulation_steps"
 # PyYAML follows YAML 1.1, whose float syntax needs a dot: it reads DeepSpeed's habitual 5e8 as
 # the string "5e8". Such strings in a YAML file are read back as the numbers the user meant.
 _YAML_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-@dataclass(frozen=True)
-class BatchSizes:
-    """Resolved batch sizes: train_batch_size = micro_batch_per_gpu * gas * dp world size."""
-
-    train_batch_size: int
-    micro_batch_per_gpu: int
-    gradient_accumulation_steps: int
 
 
 @dataclass(frozen=True)
@@ -240,7 +192,7 @@ class Config(Section):
             self._check_elastic_batch_keys()
         if self.scheduler is not None:
             params = dict(self.scheduler.params)
-            # "auto" values the scheduler could not resolve alone (see _config_schedulers).
+            # "auto" values the scheduler could not resolve alone (see config.schedulers).
             if params.get("total_num_steps", 0) is None and self.zray.max_steps is not None:
                 params["total_num_steps"] = self.zray.max_steps
             if params.get("warmup_max_lr", 0) is None and self.optimizer is not None:
@@ -293,7 +245,7 @@ class Config(Section):
         With `elasticity.enabled` the triple comes from DeepSpeed's elastic plan over
         zray.num_workers instead (as DeepSpeed's own runtime does); a world size the plan skips
         raises with the reason. An elastic zray.num_workers alone does not change this rule:
-        the controller hands each group `zray.cluster.elastic.config_for_world(cfg, plan)`,
+        the controller hands each group `zray.config.batch.config_for_world(cfg, plan)`,
         which pins the triple that keeps the global batch.
         """
         w = dp_world_size
@@ -330,9 +282,6 @@ class Config(Section):
         return BatchSizes(tbs, micro, gas)
 
     def _resolve_elastic(self, w: int) -> BatchSizes:
-        # Imported here: zray.cluster.elastic builds on this module.
-        from zray.cluster.elastic import plan_sizes
-
         run = self.zray
         plans, skipped = plan_sizes(self, run.min_workers, run.max_workers)
         if w in plans:
