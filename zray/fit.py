@@ -107,6 +107,31 @@ class ProgressLine:
         )
 
 
+def _check_tensor_groups_fit(tp: int, use_gpu: bool, embedded: bool) -> None:
+    """Each tensor group runs on one node (its collectives run every layer): some node must
+    hold `tp` worker slots. Refused on the embedded cluster, whose nodes are all there is;
+    warned on a cluster joined by address, where an autoscaler may still add a larger node."""
+    import ray
+
+    if tp == 1:
+        return
+    kind = "GPU" if use_gpu else "CPU"
+    largest = max(
+        (int(n["Resources"].get(kind, 0)) for n in ray.nodes() if n.get("Alive")), default=0
+    )
+    if largest >= tp:
+        return
+    reason = (
+        f"a tensor group's {tp} workers must share one node, and the largest node has "
+        f"{largest} {kind}(s)"
+    )
+    if embedded:
+        raise ConfigError(
+            "tensor_parallel.tp_size", tp, f"at most {largest} (the {kind}s of one node)", reason
+        )
+    log.warning("tensor_parallel.tp_size %d: %s; waiting for a node that has them", tp, reason)
+
+
 def _ensure_ray(address: str | None, num_workers: int, use_gpu: bool) -> bool:
     """Connect to `address` or start an embedded cluster; True if this call started Ray."""
     import ray
@@ -198,16 +223,6 @@ def fit(
     # Applied before the config resolves what depends on them (a scheduler's "auto" steps).
     cfg = Config.load(config, zray=changes)
     run = cfg.zray
-    if cfg.tensor_parallel.tp_size > 1:
-        # The worker side (batch plans per world size, token metrics, elastic handover) still
-        # counts every worker as a data-parallel rank: refuse rather than train wrongly.
-        raise ConfigError(
-            "tensor_parallel.tp_size",
-            cfg.tensor_parallel.tp_size,
-            "1 with zray.fit",
-            "tensor_parallel with zray.fit: not supported yet; use zray.initialize under a "
-            "launcher (torchrun, zray.launch) for tensor slicing",
-        )
     model = model if model is not None else run.model
     if model is None:
         raise ConfigError("model", None, "a callable returning an nn.Module, or zray.model")
@@ -218,6 +233,7 @@ def fit(
     started = _ensure_ray(address, run.max_workers, run.use_gpu)
     show = ProgressLine(run.max_steps) if progress is True else (progress or None)
     try:
+        _check_tensor_groups_fit(cfg.tensor_parallel.tp_size, run.use_gpu, started)
         data = synthetic_table(data)
         if not isinstance(data, (str, os.PathLike, list, tuple)):
             data = ray.put(data)  # into the object store once, not pickled per worker

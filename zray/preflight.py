@@ -2,7 +2,9 @@
 
 A mistake that would fail on every worker at its first step (a path that does not exist, a
 column the model does not take, fewer rows than one global batch, sequences longer than the
-model's, a checkpoint directory that cannot be written or has no room for one checkpoint) is
+model's, a tensor-parallel size that does not divide the model's heads, widths or vocabulary or
+any worker count in the range, a checkpoint directory that cannot be written or has no room for
+one checkpoint) is
 reported here as one line naming the thing, the value and what is allowed, in a second or two,
 instead of after Ray and the workers started. Everything is read cheaply: Parquet footers and
 one row, the model built on the meta device (no memory, no initialisation cost).
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from zray.config import Config
+from zray.config.batch import plan_run
 from zray.data.errors import DataError
 from zray.entrypoint import load_entry
 from zray.errors import ConfigError
@@ -42,18 +45,22 @@ class DataShape:
 
 def preflight(cfg: Config, model: Callable[..., nn.Module] | str, data: Any) -> None:
     """Raise ConfigError / DataError for the first mistake found (see the module note)."""
+    plans, _ = plan_run(cfg)  # a worker range in which no size keeps the batch: refused
     shape = parquet_shape(data)
     module = meta_model(model, cfg)
     if shape is not None:
-        batch = cfg.resolve_batch(cfg.zray.min_workers).train_batch_size
+        batch = plans[min(plans)].global_batch  # the same at every size
         if shape.rows < batch:
             raise DataError(
                 f"data: {shape.rows} rows in {shape.files} Parquet file(s), fewer than one global "
-                f"batch ({batch} = train_batch_size at {cfg.zray.min_workers} worker(s)); "
+                f"batch ({batch} = train_batch_size at {min(plans)} worker(s)); "
                 "allowed: at least train_batch_size rows"
             )
         if module is not None:
             check_columns(module, shape)
+    tp = cfg.tensor_parallel.tp_size
+    if tp > 1 and module is not None:
+        check_tensor_slicing(meta_model(model, cfg), tp)  # a fresh one: slicing edits it
     if cfg.zray.checkpoint_dir:
         need = None if module is None else checkpoint_bytes(module, cfg)
         check_checkpoint_dir(cfg.zray.checkpoint_dir, need)
@@ -106,6 +113,20 @@ def meta_model(model: Callable[..., nn.Module] | str, cfg: Config) -> nn.Module 
     except Exception:  # a factory that needs real tensors: the workers will tell
         return None
     return built if isinstance(built, nn.Module) else None
+
+
+def check_tensor_slicing(module: nn.Module | None, tp: int) -> None:
+    """The model's layers split over `tp` ranks (heads, widths, vocabulary divisible)."""
+    from zray.parallel.tp_policy import check_slicing
+
+    if module is None:
+        return
+    try:
+        check_slicing(module, tp)
+    except ValueError as e:
+        raise ConfigError(
+            "tensor_parallel.tp_size", tp, "a size that divides every sliced dimension", str(e)
+        ) from None
 
 
 def check_columns(module: nn.Module, shape: DataShape) -> None:

@@ -14,6 +14,7 @@ when a checkpoint is saved, at a pause, and at the end (the signals are drained 
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from zray.entrypoint import load_entry
 from zray.env import DistEnv, read_dist_env
 from zray.errors import ConfigError, NonFiniteError
 from zray.initialize import initialize
+from zray.metrics.flops import device_peak_tflops, model_flops_per_token
 from zray.metrics.progress import LossLog, RateWindow
 from zray.metrics.worker import WorkerMetrics
 from zray.parallel.context import init_distributed
@@ -64,6 +66,14 @@ class RunSpec:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
+class WorkerPhase(enum.StrEnum):
+    STARTING = "starting"  # building the model and engine, restoring, loading data
+    TRAINING = "training"
+    CHECKPOINTING = "checkpointing"  # writing a checkpoint
+    PAUSED = "paused"  # stopped at an agreed step for a resize; state handed over
+    DONE = "done"  # max_steps reached
+
+
 @dataclass(frozen=True)
 class Report:
     """A worker's progress, as polled by the controller."""
@@ -76,7 +86,7 @@ class Report:
     tokens_per_s: float = 0.0  # all ranks, over the last ~20 s
     mfu: float | None = None  # model FLOPs utilisation over the same window (None: unknown)
     checkpoint_step: int | None = None
-    phase: str = "starting"  # starting | training | checkpointing | paused | done
+    phase: WorkerPhase = WorkerPhase.STARTING
     stage: int = 0
     copy_interval: float = 0.0  # steps between this rank's last two state copies (0: none yet)
     copy_step: int | None = None  # the step of this rank's newest acknowledged state copy
@@ -149,7 +159,11 @@ class Trainer:
     def train(self) -> RunOutcome:
         try:
             self._setup()  # process group, model, engine, resume, data
-            self._set(phase="training", step=self.engine.global_steps, stage=self.engine.plan.stage)
+            self._set(
+                phase=WorkerPhase.TRAINING,
+                step=self.engine.global_steps,
+                stage=self.engine.plan.stage,
+            )
             while self.engine.global_steps < self.max_steps:
                 loss = self.engine.train_batch(self.batches, loss_fn=self.spec.loss)
                 step = self._after_step(loss)  # read last step's values, vote, copy, report
@@ -183,11 +197,15 @@ class Trainer:
         )
         torch.manual_seed(run.seed)
         model = build_model(self.spec, self.cfg)
+        source = as_source(self.spec.data)
+        # Counted on the whole model, before the engine slices or shards its tensors.
+        flops_per_token = _flops_per_token(model, source)
         self.engine, *_ = initialize(model=model, config=self.cfg)
         ctx, b = self.engine.ctx, self.engine.batch
-        source = as_source(self.spec.data)
         sampler = GlobalBatchSampler(len(source), b.train_batch_size, seed=run.seed)
-        self.metrics = WorkerMetrics(*_flops_and_peak(model, source, self.engine))
+        peak, _ = device_peak_tflops(ctx.device, self.engine.compute_dtype)
+        # A tensor group shares each token's work: this device does 1/tp of it.
+        self.metrics = WorkerMetrics(flops_per_token / ctx.tp_size, peak)
         self.checkpoints = CheckpointManager(
             self.engine,
             run,
@@ -226,12 +244,14 @@ class Trainer:
         now = time.perf_counter()
         tokens = self.batches.tokens
         self.metrics.step(
-            engine,
+            step,
             now - self._t_step,
             tokens - self._tokens_before,
             self._samples_per_step,
-            self.data.fetch_seconds,
-            self.data.wait_seconds,
+            loss_scale=engine.loss_scale,
+            skipped_steps=engine.skipped_steps,
+            data_seconds_total=self.data.fetch_seconds,
+            data_wait_seconds_total=self.data.wait_seconds,
         )
         self._t_step, self._tokens_before = now, tokens
         # The values of the step before (sums over all ranks): the votes they carry decide
@@ -267,14 +287,14 @@ class Trainer:
     def _save(self, step: int) -> None:
         assert self.checkpoints is not None
         self._read(self.signals.drain())  # the history through this step, checked finite
-        self._set(phase="checkpointing")
+        self._set(phase=WorkerPhase.CHECKPOINTING)
         self.checkpoints.save(step, self.data.state_dict())
-        self._set(phase="training", checkpoint_step=step, metrics=self.metrics.snapshot())
+        self._set(phase=WorkerPhase.TRAINING, checkpoint_step=step, metrics=self.metrics.snapshot())
 
     def _hand_over(self, step: int) -> RunOutcome:
         assert self.checkpoints is not None
         self._read(self.signals.drain())
-        self._set(phase="paused", loss=self.losses.newest())
+        self._set(phase=WorkerPhase.PAUSED, loss=self.losses.newest())
         return self._outcome(
             steps=step, tokens_per_s=0.0, paused=True,
             handover=self.checkpoints.handover(self.data.state_dict()),
@@ -287,7 +307,7 @@ class Trainer:
             self._save(self.engine.global_steps)
         self.checkpoints.finish()
         self._report_progress(self.engine.global_steps)
-        self._set(phase="done")
+        self._set(phase=WorkerPhase.DONE)
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         return self._outcome(
             steps=self.engine.global_steps,
@@ -300,7 +320,7 @@ class Trainer:
         return RunOutcome(
             losses=self.losses.items(),
             checkpoint=self.checkpoints.last,
-            world_size=self.engine.ctx.dp_size,
+            world_size=self.engine.ctx.world_size,  # workers: dp x tp
             step_times=self.step_times,
             copy_stats=copies.stats.as_dict() if copies is not None else {},
             **kw,
@@ -315,7 +335,10 @@ class Trainer:
     def _report_progress(self, step: int) -> None:
         """Refresh what the controller polls (every REPORT_EVERY_S, not every step)."""
         assert self.checkpoints is not None
-        self.metrics.sample(self.engine)
+        ctx = self.engine.ctx
+        self.metrics.sample(
+            ctx.comm_stats, self.engine.memory_breakdown(), ctx.device if ctx.is_cuda else None
+        )
         copies = self.checkpoints.copies
         if copies is not None:
             self.metrics.copies(copies.stats)
@@ -390,19 +413,16 @@ def _mem_available() -> int | None:
     return None
 
 
-def _flops_and_peak(model: nn.Module, source: Any, engine: Any) -> tuple[float, float]:
-    """Model FLOPs per token (6N + attention) and this device's dense peak TFLOP/s."""
-    from zray.metrics.flops import device_peak_tflops, model_flops_per_token
-
+def _flops_per_token(model: nn.Module, source: Any) -> float:
+    """Model FLOPs per token (6N + attention); 0 where the model's shape cannot be inferred
+    (no MFU then; everything else is still published)."""
     seq_len = 0
     if "input_ids" in getattr(source, "columns", []):
         seq_len = int(source.take([0])["input_ids"].shape[-1])
     try:
-        fpt = float(model_flops_per_token(model, seq_len)) if seq_len else 0.0
+        return float(model_flops_per_token(model, seq_len)) if seq_len else 0.0
     except ValueError:
-        fpt = 0.0  # a model whose shape cannot be inferred: no MFU, the rest still published
-    peak, _ = device_peak_tflops(engine.ctx.device, engine.compute_dtype)
-    return fpt, peak
+        return 0.0
 
 
 class _CountTokens:

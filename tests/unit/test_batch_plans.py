@@ -320,3 +320,46 @@ def test_plan_sizes_rejects_a_bad_range(lo: Any, hi: Any) -> None:
 def test_size_plan_keeps_its_invariant(kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="SizePlan"):
         SizePlan(**kw)
+
+
+# ---- tensor slicing: the batch splits over data-parallel ranks, worker counts step by tp ---------
+
+
+def test_tensor_parallel_plans_count_data_parallel_ranks() -> None:
+    raw = {B: 12, "tensor_parallel": {"tp_size": 2}}
+    plans, skipped = _plans(raw, 2, 6)
+    assert {w: (p.dp, p.micro_batch, p.gas) for w, p in plans.items()} == {
+        2: (1, 12, 1),
+        4: (2, 6, 1),
+        6: (3, 4, 1),
+    }
+    assert skipped == {
+        3: "3 workers is not a multiple of tensor_parallel.tp_size 2",
+        5: "5 workers is not a multiple of tensor_parallel.tp_size 2",
+    }
+    cfg = Config.from_dict(raw)
+    for plan in plans.values():
+        fixed = config_for_world(cfg, plan)
+        assert fixed.zray.num_workers == plan.world
+        assert fixed.resolve_batch(plan.dp) == plan.batch_sizes
+
+
+def test_tensor_parallel_batch_from_micro_counts_the_smallest_dp() -> None:
+    # No train_batch_size: the batch a fixed run at the smallest size would use (dp 2 at 4).
+    plans, _ = _plans({M: 3, "tensor_parallel": {"tp_size": 2}}, 3, 8)
+    assert {w: (p.micro_batch, p.gas) for w, p in plans.items()} == {4: (3, 1)}
+    assert plans[4].global_batch == 6
+
+
+def test_tensor_parallel_with_elasticity_is_refused() -> None:
+    raw = {
+        **_elastic(micro_batch_sizes=[2], max_train_batch_size=16),
+        "tensor_parallel": {"tp_size": 2},
+    }
+    with pytest.raises(ConfigError, match=r"tensor_parallel\.tp_size.*1 while elasticity\.enabled"):
+        _plans(raw, 2, 4)
+
+
+def test_size_plan_refuses_a_world_that_tp_does_not_divide() -> None:
+    with pytest.raises(ValueError, match="not a multiple of tp"):
+        SizePlan(3, 2, 1, 2, tp=2)

@@ -859,13 +859,18 @@ def test_tp_size_must_divide_the_world() -> None:
         zray.initialize(model=torch.nn.Linear(2, 2), config={"autotp_size": 2})
 
 
-def test_fit_refuses_tensor_parallel() -> None:
-    """zray.fit's workers still count every worker as a data-parallel rank: a clear error, not
-    silently wrong training."""
+def test_fit_refuses_tensor_parallel_with_elasticity() -> None:
+    """DeepSpeed's elastic batch choice counts every worker as a data-parallel rank: with tensor
+    slicing it would pick a wrong batch, so zray.fit refuses the pair, before Ray starts."""
     import zray
 
-    with pytest.raises(ConfigError, match=r"tensor_parallel with zray\.fit: not supported yet"):
-        zray.fit(model=lambda: None, data="unused", config={"tensor_parallel": {"tp_size": 2}})
+    cfg = {
+        "tensor_parallel": {"tp_size": 2},
+        "elasticity": {"enabled": True, "micro_batch_sizes": [2], "max_train_batch_size": 16},
+        "zray": {"num_workers": [2, 4]},
+    }
+    with pytest.raises(ConfigError, match=r"tensor_parallel\.tp_size.*1 while elasticity"):
+        zray.fit(model=lambda: None, data="unused", config=cfg)
 
 
 def test_zray_zero_keys() -> None:

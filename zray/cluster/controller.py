@@ -23,15 +23,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from zray.checkpoint.shard import PackedShard
 from zray.cluster.group import GroupPoll, GroupStartError, WorkerGroup
-from zray.cluster.policy import Action, Decision, Failure, FailurePolicy
-from zray.cluster.state import RunState, check_transition
+from zray.cluster.policy import Action, Decision, Failure, FailureKind, FailurePolicy
+from zray.cluster.state import (
+    ControllerState,
+    Errored,
+    Finished,
+    Initializing,
+    Recovering,
+    Resizing,
+    Running,
+    RunState,
+    Scheduling,
+    Waiting,
+    check_transition,
+)
 from zray.errors import ZrayError
-from zray.trainer import Report, Resume, RunOutcome
+from zray.trainer import Report, Resume, RunOutcome, WorkerPhase
 
 if TYPE_CHECKING:
     from zray.metrics.exporter import RunMetrics
@@ -73,7 +85,7 @@ class RunStatus:
     checkpoint_step: int | None = None
     worker_pids: list[int] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)
-    phase: str = "starting"  # rank 0's: starting | training | checkpointing | done
+    phase: WorkerPhase = WorkerPhase.STARTING  # rank 0's
     decisions: list[str] = field(default_factory=list)  # every decision, with its reason
     error: str | None = None
     metrics_url: str | None = None  # where the run's metrics are served, if they are
@@ -106,26 +118,28 @@ class Controller:
         # Copies of workers' state held outside the group (the controller's own, for a single
         # worker): they survive the group.
         self.held = held or dict
-        self.state = RunState.INITIALIZING
+        self.at: ControllerState = Initializing()  # the state, with what it carries
         self.group: WorkerGroup | None = None
         self.restarts = 0
         self.resizes = 0
         self.status = RunStatus(RunState.INITIALIZING)
-        self.outcome: RunOutcome | None = None
-        self.error: RunFailedError | None = None
         self.metrics = metrics
         self.lost_steps = 0
         self.resize_seconds = 0.0
-        self._step_at_failure: int | None = None  # set on failure, settled by the next group
-        self._resume: Resume = None  # in-memory shards for the next group, when there are
         self._last_scale_check = clock()
         self._last_capacity = 0  # the capacity the last sizing decision saw
-        self._waiting_since: float | None = None
-        self._resize_started: float | None = None
-        # After a handover for a grow: the size wanted, and until when to wait for the old
-        # group's resources to come back before settling for less.
-        self._want: int | None = None
-        self._settle_until = 0.0
+
+    @property
+    def state(self) -> RunState:
+        return self.at.kind
+
+    @property
+    def outcome(self) -> RunOutcome | None:
+        return self.at.outcome if isinstance(self.at, Finished) else None
+
+    @property
+    def error(self) -> Exception | None:
+        return self.at.error if isinstance(self.at, Errored) else None
 
     @property
     def elastic(self) -> bool:
@@ -133,11 +147,12 @@ class Controller:
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 
-    def _go(self, new: RunState) -> RunState:
-        check_transition(self.state, new)
-        self.state = self.status.state = new
+    def _go(self, new: ControllerState) -> RunState:
+        check_transition(self.state, new.kind)
+        self.at = new
+        self.status.state = new.kind
         self._publish()
-        return new
+        return new.kind
 
     def _note(self, line: str) -> None:
         log.warning("controller decision: %s", line)
@@ -164,66 +179,62 @@ class Controller:
         return fits[-1] if fits else None
 
     def _decide(self, failures: list[Failure]) -> RunState:
-        self._step_at_failure = self.status.step
         decision = self.policy.decide(failures, self.restarts)
         self._note(f"{decision.action.value}: {decision.reason}")
         if decision.action is Action.RESTART:
-            return self._go(RunState.RECOVERING)
-        self.error = RunFailedError(decision, failures, self.restarts)
-        self.status.error = str(self.error)
+            return self._go(Recovering(started=self.clock(), redo_from=self.status.step))
+        error = RunFailedError(decision, failures, self.restarts)
+        self.status.error = str(error)
         if self.group is not None:
             self.group.shutdown()
-        return self._go(RunState.ERRORED)
+        return self._go(Errored(error))
 
     # ---- one iteration -------------------------------------------------------------------------
 
     def step(self) -> RunState:
-        handler = {
-            RunState.INITIALIZING: lambda: self._go(RunState.SCHEDULING),
-            RunState.SCHEDULING: self._schedule,
-            RunState.RUNNING: self._running,
-            RunState.RESIZING: self._resizing,
-            RunState.RECOVERING: self._recover,
-            RunState.WAITING: self._wait,
-        }.get(self.state)
-        return handler() if handler else self.state
+        at = self.at
+        if isinstance(at, Initializing):
+            return self._go(Scheduling())
+        if isinstance(at, Scheduling):
+            return self._schedule(at)
+        if isinstance(at, Running):
+            return self._running(at)
+        if isinstance(at, Resizing):
+            return self._resizing(at)
+        if isinstance(at, Recovering):
+            return self._recover(at)
+        if isinstance(at, Waiting):
+            return self._wait(at)
+        return self.state  # finished or errored: nothing more to do
 
-    def _schedule(self) -> RunState:
+    def _schedule(self, at: Scheduling) -> RunState:
         size = self._target_size(0)
-        if (
-            self._want is not None
-            and (size or 0) < self._want
-            and self.clock() < self._settle_until
-        ):
+        if at.want is not None and (size or 0) < at.want and self.clock() < at.settle_until:
             return self.state  # the old group's slots are still being released
-        self._want = None
         if size is None:
-            self._waiting_since = self.clock()
             # The capacity the decision was taken on (probing again could give another count).
             self._note(
                 f"wait: capacity for {self._last_capacity} workers; the run trains at "
                 f"{self.valid_sizes} workers (the sizes that keep its global batch)"
             )
-            return self._go(RunState.WAITING)
-        resume = self._resume if self._resume is not None else self.latest_checkpoint()
+            return self._go(Waiting(since=self.clock(), then=replace(at, want=None)))
+        resume = at.resume if at.resume is not None else self.latest_checkpoint()
         self.group = self.make_group(size)
         try:
             self.group.start(resume, attempt=self.restarts + self.resizes)
         except GroupStartError as e:
             return self._decide(e.failures)
-        self._resume = None
         self.status.world_size = self.group.size
         where = "in-memory state" if isinstance(resume, list) else resume
         if resume:
             self._note(f"started {self.group.size} workers from {where}")
         else:
             self._note(f"started {self.group.size} workers")
-        if self._resize_started is not None:
-            self.resize_seconds += self.clock() - self._resize_started
-            self._resize_started = None
-        return self._go(RunState.RUNNING)
+        if at.resize_started is not None:
+            self.resize_seconds += self.clock() - at.resize_started
+        return self._go(Running(redo_from=at.redo_from))
 
-    def _running(self) -> RunState:
+    def _running(self, at: Running) -> RunState:
         assert self.group is not None
         polled = self.group.poll()
         self._absorb(polled.reports)
@@ -231,25 +242,22 @@ class Controller:
             return self._decide(polled.failures)
         if polled.outcome is not None:
             if polled.outcome.paused:  # paused on its own: treat as a handover
-                return self._take_handover(polled)
-            self.outcome = polled.outcome
+                return self._take_handover(polled, want=None)
             self.group.shutdown()
-            return self._go(RunState.FINISHED)
+            return self._go(Finished(polled.outcome))
         if self.elastic and self.clock() - self._last_scale_check >= self.scale_interval_s:
             self._last_scale_check = self.clock()
             target = self._target_size(self.group.size)
             if target is not None and target > self.group.size:
-                self._want = target
                 self._note(
                     f"grow: capacity for {target} workers ({self.group.size} now); "
                     "pausing at the next logged step to reshard in memory"
                 )
-                self._resize_started = self.clock()
                 self.group.request_pause()
-                return self._go(RunState.RESIZING)
+                return self._go(Resizing(want=target, started=self.clock()))
         return self.state
 
-    def _resizing(self) -> RunState:
+    def _resizing(self, at: Resizing) -> RunState:
         assert self.group is not None
         polled = self.group.poll()
         self._absorb(polled.reports)
@@ -258,33 +266,38 @@ class Controller:
         if polled.outcome is None:
             return self.state
         if not polled.outcome.paused:  # finished before it could pause: nothing to resize
-            self.outcome = polled.outcome
             self.group.shutdown()
-            return self._go(RunState.FINISHED)  # type: ignore[unreachable]
-        return self._take_handover(polled)
+            return self._go(Finished(polled.outcome))
+        return self._take_handover(polled, want=at.want, started=at.started)
 
-    def _take_handover(self, polled: GroupPoll) -> RunState:
+    def _take_handover(
+        self, polled: GroupPoll, want: int | None, started: float | None = None
+    ) -> RunState:
         assert self.group is not None
-        self._resume = [polled.outcomes[r].handover for r in sorted(polled.outcomes)]
+        resume = [polled.outcomes[r].handover for r in sorted(polled.outcomes)]
         self.group.shutdown()
         self.group = None
         self.resizes += 1
         self.status.resizes = self.resizes
-        self.status.phase = "starting"
+        self.status.phase = WorkerPhase.STARTING
         self.status.worker_pids, self.status.worker_nodes = [], []
-        self._settle_until = self.clock() + 10.0
-        return self._go(RunState.SCHEDULING)
+        return self._go(
+            Scheduling(
+                resume=resume,
+                want=want,
+                settle_until=self.clock() + 10.0,
+                resize_started=started,
+            )
+        )
 
-    def _recover(self) -> RunState:
+    def _recover(self, at: Recovering) -> RunState:
         assert self.group is not None
         old = self.group.size
-        if self._resize_started is None:
-            self._resize_started = self.clock()
         snaps = self.group.snapshots()
         for rank, copies in self.held().items():
             snaps.setdefault(rank, []).extend(copies)
         found = consistent_snapshot(snaps, old)
-        self._resume = None
+        resume: Resume = None
         disk = self.latest_checkpoint()
         disk_step = _step_of_dir(disk)
         if found is not None and disk_step is not None and disk_step > found[0]:
@@ -293,7 +306,7 @@ class Controller:
                 f"in-memory state every rank has (step {found[0]}): recover from disk"
             )
         elif found is not None:
-            step, self._resume = found
+            step, resume = found
             self._note(f"recover from in-memory snapshots of step {step} (no disk read)")
         elif snaps:
             held = {r: sorted(step for step, _ in v) for r, v in sorted(snaps.items())}
@@ -308,18 +321,18 @@ class Controller:
         # only when state had to come from an older checkpoint: lost steps).
         self.status.restarts = self.restarts
         self.status.worker_pids, self.status.worker_nodes = [], []
-        self.status.phase = "starting"
-        return self._go(RunState.SCHEDULING)
+        self.status.phase = WorkerPhase.STARTING
+        return self._go(
+            Scheduling(resume=resume, resize_started=at.started, redo_from=at.redo_from)
+        )
 
-    def _wait(self) -> RunState:
+    def _wait(self, at: Waiting) -> RunState:
         if self._target_size(0) is not None:
-            self._waiting_since = None
-            return self._go(RunState.SCHEDULING)
-        assert self._waiting_since is not None
-        if self.clock() - self._waiting_since > self.min_wait_s:
+            return self._go(at.then)
+        if self.clock() - at.since > self.min_wait_s:
             failure = Failure(
                 -1,
-                "timeout",
+                FailureKind.TIMEOUT,
                 f"fewer than {self.min_workers} workers possible "
                 f"for {self.min_wait_s:.0f} s (zray.min_wait_s)",
                 retryable=False,
@@ -341,7 +354,7 @@ class Controller:
         self.status.worker_pids = [r.pid for r in ordered]
         self.status.worker_nodes = [r.node for r in ordered]
         lead = ordered[0]
-        if lead.phase != "starting" or lead.step:  # a starting worker knows no step yet
+        if lead.phase != WorkerPhase.STARTING or lead.step:  # a starting worker knows no step yet
             self.status.step = lead.step
         self.status.loss = lead.loss
         self.status.tokens_per_s = lead.tokens_per_s
@@ -353,11 +366,13 @@ class Controller:
             self.status.copy_step = min(known) if len(known) == len(copied) else None
         self.status.checkpoint_step = lead.checkpoint_step
         self.status.phase = lead.phase
-        if self._step_at_failure is not None and lead.phase == "training":
+        at = self.at
+        redo = isinstance(at, Running) and at.redo_from is not None
+        if redo and lead.phase == WorkerPhase.TRAINING:
             # The new group reports the step it resumed from: the difference is redone work.
-            self.lost_steps += max(0, self._step_at_failure - lead.step)
+            self.lost_steps += max(0, at.redo_from - lead.step)
             self.status.lost_steps = self.lost_steps
-            self._step_at_failure = None
+            self.at = Running()
         self._publish()
 
     def run(self, poll_interval_s: float) -> RunOutcome:

@@ -63,6 +63,7 @@ class ControllerActor:
                 run.start_timeout_s,
                 replicas=run.replica_interval > 0,
                 solo_holder=me,
+                tp=cfg.tensor_parallel.tp_size,
             )
 
         jsonl = Path(metrics_dir) / f"{run_name}.metrics.jsonl" if metrics_dir else None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from zray.checkpoint.shard import PackedShard
-from zray.cluster.policy import Failure
+from zray.cluster.policy import Failure, FailureKind
 from zray.errors import ConfigError, NonFiniteError, ZrayError
 from zray.trainer import Report, Resume, RunOutcome, RunSpec
 
@@ -53,13 +53,16 @@ class RayWorkerGroup:
         start_timeout_s: float,
         replicas: bool = False,
         solo_holder: Any = None,
+        tp: int = 1,
     ) -> None:
+        assert size % tp == 0, (size, tp)  # the batch plan only offers multiples of tp
         self.spec, self.size, self.use_gpu, self.replicas = spec, size, use_gpu, replicas
+        self.tp = tp
         self.start_timeout_s = start_timeout_s
         # Who keeps a copy of a single worker's state (the controller): with peers, each rank's
         # copy goes to the next rank.
         self.solo_holder = solo_holder
-        self.pg: Any = None
+        self.pgs: list[Any] = []
         self.actors: list[Any] = []
         self.runs: list[Any] = []
         self._finished: dict[int, RunOutcome] = {}
@@ -72,17 +75,30 @@ class RayWorkerGroup:
         from zray.cluster.worker import Worker
 
         bundle = {"CPU": 1.0, "GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
-        self.pg = placement_group([bundle] * self.size, strategy="PACK")
+        # One placement group per tensor group, all of it on one node (its collectives run in
+        # every layer); the data-parallel groups may spread. Without tensor slicing, one group
+        # packed as tightly as the cluster allows. Rank r is bundle r % tp of group r // tp
+        # (tensor ranks contiguous: see zray.parallel.context's Note on the mesh).
+        if self.tp == 1:
+            self.pgs = [placement_group([bundle] * self.size, strategy="PACK")]
+        else:
+            self.pgs = [
+                placement_group([bundle] * self.tp, strategy="STRICT_PACK")
+                for _ in range(self.size // self.tp)
+            ]
+        per_group = self.size // len(self.pgs)
         try:
-            ray.get(self.pg.ready(), timeout=self.start_timeout_s)
+            ray.get([pg.ready() for pg in self.pgs], timeout=self.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise GroupStartError(
                 [
                     Failure(
                         -1,
-                        "timeout",
+                        FailureKind.TIMEOUT,
                         (
-                            f"{self.size} worker bundles of {bundle} not placed within "
+                            f"{self.size} worker bundles of {bundle}"
+                            + (f" (tensor groups of {self.tp} on one node)" if self.tp > 1 else "")
+                            + " not placed within "
                             f"{self.start_timeout_s:.0f} s (zray.start_timeout_s): the cluster lacks "
                             "the resources"
                         ),
@@ -94,7 +110,8 @@ class RayWorkerGroup:
                 num_cpus=1,
                 num_gpus=1 if self.use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=i
+                    placement_group=self.pgs[i // per_group],
+                    placement_group_bundle_index=i % per_group,
                 ),
             ).remote()
             for i in range(self.size)
@@ -102,7 +119,9 @@ class RayWorkerGroup:
         try:
             addr, port = ray.get(self.actors[0].rendezvous.remote(), timeout=self.start_timeout_s)
         except Exception as e:
-            raise GroupStartError([Failure(0, "died", f"rendezvous failed: {e!r}")]) from e
+            raise GroupStartError(
+                [Failure(0, FailureKind.DIED, f"rendezvous failed: {e!r}")]
+            ) from e
         if isinstance(resume, list):
             # Into the object store once, not serialised again for every worker.
             resume = [ray.put(resume)]
@@ -131,13 +150,13 @@ class RayWorkerGroup:
             try:
                 self._finished[rank] = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-                out.failures.append(Failure(rank, "died", _first_line(e)))
+                out.failures.append(Failure(rank, FailureKind.DIED, _first_line(e)))
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if hasattr(e, "cause") else None
                 out.failures.append(
                     Failure(
                         rank,
-                        "error",
+                        FailureKind.ERROR,
                         _tail(e),
                         retryable=_retryable(cause),
                         progressed=self._progressed(rank),
@@ -150,7 +169,7 @@ class RayWorkerGroup:
             try:
                 report = ray.get(ref, timeout=30)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-                out.failures.append(Failure(rank, "died", _first_line(e)))
+                out.failures.append(Failure(rank, FailureKind.DIED, _first_line(e)))
                 continue
             except ray.exceptions.GetTimeoutError:
                 continue  # a busy worker answers next time; a dead one shows up above
@@ -202,9 +221,9 @@ class RayWorkerGroup:
         for actor in self.actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-        self.actors, self.runs, self.pg = [], [], None
+        for pg in self.pgs:
+            remove_placement_group(pg)
+        self.actors, self.runs, self.pgs = [], [], []
 
     def pids(self) -> list[int]:
         """Worker process ids (for tests and benchmarks that kill one)."""

@@ -12,12 +12,18 @@ class Action(enum.Enum):
     GIVE_UP = "give_up"
 
 
+class FailureKind(enum.StrEnum):
+    DIED = "died"  # the process or its node is gone
+    ERROR = "error"  # the rank's code raised
+    TIMEOUT = "timeout"  # the group did not start in time, or a collective timed out
+
+
 @dataclass(frozen=True)
 class Failure:
     """One worker's failure as the controller saw it."""
 
     rank: int
-    kind: str  # "died" (process or node gone), "error" (raised), "timeout" (start or collective)
+    kind: FailureKind
     message: str
     # False for errors a restart cannot cure (a bad config, a model that does not build).
     retryable: bool = True
@@ -48,7 +54,7 @@ class FailurePolicy:
         if not all(f.retryable for f in failures):
             return Decision(Action.GIVE_UP, f"{what} — not retryable: a restart would fail again")
         first_step = all(
-            f.kind == "error" and not f.progressed and not _looks_transient(f.message)
+            f.kind == FailureKind.ERROR and not f.progressed and not _looks_transient(f.message)
             for f in failures
         )
         if first_step:

@@ -84,24 +84,33 @@ class BatchSizes:
 
 @dataclass(frozen=True)
 class SizePlan:
-    """How a group of `world` data-parallel workers splits the global batch:
-    global_batch = micro_batch x gas x world, every term a positive integer."""
+    """How a group of `world` workers splits the global batch. With tensor slicing the workers
+    form `world / tp` data-parallel ranks of `tp` workers each (the tensor group sees one
+    micro-batch): global_batch = micro_batch x gas x dp, every term a positive integer."""
 
-    world: int
+    world: int  # workers (dp x tp)
     micro_batch: int
     gas: int
     global_batch: int
+    tp: int = 1  # tensor_parallel.tp_size
 
     def __post_init__(self) -> None:
-        for name in ("world", "micro_batch", "gas", "global_batch"):
+        for name in ("world", "micro_batch", "gas", "global_batch", "tp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SizePlan.{name}: got {v!r}; allowed: an integer >= 1")
-        if self.global_batch != self.micro_batch * self.gas * self.world:
+        if self.world % self.tp:
+            raise ValueError(f"SizePlan: world ({self.world}) is not a multiple of tp ({self.tp})")
+        if self.global_batch != self.micro_batch * self.gas * self.dp:
             raise ValueError(
                 f"SizePlan: global_batch ({self.global_batch}) != micro_batch ({self.micro_batch})"
-                f" x gas ({self.gas}) x world ({self.world})"
+                f" x gas ({self.gas}) x dp ({self.dp})"
             )
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: the world size `Config.resolve_batch` takes."""
+        return self.world // self.tp
 
     @property
     def batch_sizes(self) -> BatchSizes:
@@ -119,9 +128,19 @@ def plan_sizes(
     the batch (`plan_run` turns that into an error). See the module docstring for the rules.
     """
     _check_range(min_workers, max_workers)
+    tp = cfg.tensor_parallel.tp_size
     if cfg.elasticity.enabled:
+        if tp > 1:
+            raise ConfigError(
+                "tensor_parallel.tp_size",
+                tp,
+                "1 while elasticity.enabled",
+                "DeepSpeed's elastic batch choice counts every worker as a data-parallel rank; "
+                "for an elastic run with tensor slicing leave elasticity off and give "
+                "train_batch_size (zray keeps it at every multiple of tp_size)",
+            )
         return _plan_elasticity(cfg.elasticity, min_workers, max_workers)
-    return _plan_fixed_batch(cfg, min_workers, max_workers)
+    return _plan_fixed_batch(cfg, min_workers, max_workers, tp)
 
 
 def plan_run(cfg: Config) -> tuple[dict[int, SizePlan], dict[int, str]]:
@@ -153,7 +172,7 @@ def best_world(plans: Mapping[int, SizePlan], capacity: int) -> int | None:
 def config_for_world(cfg: Config, plan: SizePlan) -> Config:
     """`cfg` as a fixed-size run of `plan.world` workers: the batch triple pinned to the plan,
     zray.num_workers = plan.world, and any elasticity block switched off (its job is done, and
-    an enabled block would refuse the pinned batch keys). `resolve_batch(plan.world)` of the
+    an enabled block would refuse the pinned batch keys). `resolve_batch(plan.dp)` of the
     result returns exactly the plan. The controller keeps the original `cfg` for planning."""
     elasticity = cfg.elasticity
     if elasticity.enabled:
@@ -171,34 +190,43 @@ def config_for_world(cfg: Config, plan: SizePlan) -> Config:
 # ---- (a) a fixed global batch from the batch keys ----------------------------------------------
 
 
-def _plan_fixed_batch(cfg: Config, lo: int, hi: int) -> tuple[dict[int, SizePlan], dict[int, str]]:
+def _plan_fixed_batch(
+    cfg: Config, lo: int, hi: int, tp: int = 1
+) -> tuple[dict[int, SizePlan], dict[int, str]]:
+    """Keyed by worker count w; the batch splits over its w / tp data-parallel ranks."""
     tbs, micro, gas = (
         cfg.train_batch_size,
         cfg.train_micro_batch_size_per_gpu,
         cfg.gradient_accumulation_steps,
     )
-    batch = tbs if tbs is not None else (micro or 1) * (gas or 1) * lo
+    lo_dp = -(-lo // tp)  # the smallest data-parallel size in the range
+    batch = tbs if tbs is not None else (micro or 1) * (gas or 1) * lo_dp
     plans: dict[int, SizePlan] = {}
     skipped: dict[int, str] = {}
     for w in range(lo, hi + 1):
+        if w % tp:
+            skipped[w] = f"{_workers(w)} is not a multiple of tensor_parallel.tp_size {tp}"
+            continue
+        dp = w // tp
+        ranks = _workers(w) if tp == 1 else f"{dp} data-parallel rank{'s' * (dp > 1)}"
         if micro is not None:
-            split, what = micro * w, f"{_workers(w)} x micro-batch {micro}"
+            split, what = micro * dp, f"{ranks} x micro-batch {micro}"
         elif gas is not None:
-            split, what = gas * w, f"{_workers(w)} x {gas} accumulation steps"
+            split, what = gas * dp, f"{ranks} x {gas} accumulation steps"
         else:
-            split, what = w, _workers(w)
+            split, what = dp, ranks
         if batch % split:
             relation = "is smaller than" if batch < split else "is not divisible by"
-            times = f" = {split}" if split != w else ""
+            times = f" = {split}" if split != dp else ""
             skipped[w] = f"global batch {batch} {relation} {what}{times}"
             continue
         share = batch // split  # the one term of micro x gas that is not pinned
         if micro is not None:
-            plans[w] = SizePlan(w, micro, share, batch)
+            plans[w] = SizePlan(w, micro, share, batch, tp)
         elif gas is not None:
-            plans[w] = SizePlan(w, share, gas, batch)
+            plans[w] = SizePlan(w, share, gas, batch, tp)
         else:
-            plans[w] = SizePlan(w, share, 1, batch)
+            plans[w] = SizePlan(w, share, 1, batch, tp)
     return plans, skipped
 
 

@@ -15,7 +15,7 @@ import torch
 
 if TYPE_CHECKING:
     from zray.checkpoint.replica import ReplicaStats
-    from zray.engine import Engine
+    from zray.parallel.comm_stats import CommStats
 
 Snapshot = dict[str, float | dict[str, float]]
 
@@ -45,16 +45,19 @@ class WorkerMetrics:
 
     def step(
         self,
-        engine: Engine,
+        step: int,
         seconds: float,
         tokens: int,
         samples: int,
+        *,
+        loss_scale: float,
+        skipped_steps: int,
         data_seconds_total: float,
         data_wait_seconds_total: float = 0.0,
     ) -> None:
         """After each optimizer step (no host sync: only Python numbers are read)."""
         v = self.values
-        v["zray_step"] = float(engine.global_steps)
+        v["zray_step"] = float(step)
         v["zray_steps_total"] = float(v["zray_steps_total"]) + 1
         v["zray_step_seconds"] = seconds
         v["zray_tokens_total"] = float(v["zray_tokens_total"]) + tokens
@@ -65,8 +68,8 @@ class WorkerMetrics:
         tflops = self.flops_per_token * rate / 1e12
         v["zray_device_tflops"] = tflops
         v["zray_mfu_ratio"] = tflops / self.peak_tflops if self.peak_tflops > 0 else float("nan")
-        v["zray_loss_scale"] = float(engine.loss_scale)
-        v["zray_skipped_steps_total"] = float(engine.skipped_steps)
+        v["zray_loss_scale"] = float(loss_scale)
+        v["zray_skipped_steps_total"] = float(skipped_steps)
         v["zray_data_seconds_total"] = data_seconds_total
         v["zray_data_wait_seconds_total"] = data_wait_seconds_total
 
@@ -91,17 +94,19 @@ class WorkerMetrics:
         if grad_norm is not None:
             self.values["zray_grad_norm"] = grad_norm
 
-    def sample(self, engine: Engine) -> None:
+    def sample(
+        self, comm: CommStats, state_bytes: dict[str, int], device: torch.device | None
+    ) -> None:
         """The slower-moving values (collective counters, memory), when a report is made
-        rather than every step: on a small model the step's host time is the budget."""
+        rather than every step: on a small model the step's host time is the budget.
+        `device`: the CUDA device whose memory to read (None: this process's RSS)."""
         v = self.values
-        stats = engine.ctx.comm_stats
-        v["zray_comm_calls_total"] = {k: float(n) for k, n in stats.calls.items()}
-        v["zray_comm_bytes_total"] = {k: float(n) for k, n in stats.bytes.items()}
-        v["zray_comm_seconds_total"] = dict(stats.seconds)
-        v["zray_state_bytes"] = {k: float(b) for k, b in engine.memory_breakdown().items()}
-        if engine.ctx.is_cuda:
-            dev = engine.ctx.device
+        v["zray_comm_calls_total"] = {k: float(n) for k, n in comm.calls.items()}
+        v["zray_comm_bytes_total"] = {k: float(n) for k, n in comm.bytes.items()}
+        v["zray_comm_seconds_total"] = dict(comm.seconds)
+        v["zray_state_bytes"] = {k: float(b) for k, b in state_bytes.items()}
+        if device is not None:
+            dev = device
             v["zray_memory_allocated_bytes"] = float(torch.cuda.memory_allocated(dev))
             v["zray_memory_reserved_bytes"] = float(torch.cuda.memory_reserved(dev))
             v["zray_memory_peak_bytes"] = float(torch.cuda.max_memory_allocated(dev))

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "PlanningGroup",
     "copy_to_tp",
     "gather_from_tp",
     "reduce_from_tp",
@@ -36,16 +37,30 @@ __all__ = [
     "vocab_parallel_cross_entropy",
 ]
 
-Group = dist.ProcessGroup | None
+
+class PlanningGroup:
+    """Stands in for a tensor group of `size` where no process group exists, as its rank 0: to
+    check that a model can be sliced (on the meta device, before any worker starts). Slicing
+    runs no collective; a forward on such a model would, and fails."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+Group = dist.ProcessGroup | PlanningGroup | None
 
 
 def tp_size(group: Group) -> int:
     """Size of the tensor-parallel group; 1 for None."""
+    if isinstance(group, PlanningGroup):
+        return group.size
     return 1 if group is None else dist.get_world_size(group=group)
 
 
 def tp_rank(group: Group) -> int:
     """This process's rank inside the tensor-parallel group; 0 for None."""
+    if isinstance(group, PlanningGroup):
+        return 0
     return 0 if group is None else dist.get_rank(group=group)
 
 

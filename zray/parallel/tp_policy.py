@@ -49,9 +49,9 @@ from zray.parallel.tp_layers import (
     VocabParallelEmbedding,
     check_group,
 )
-from zray.parallel.tp_ops import Group
+from zray.parallel.tp_ops import Group, PlanningGroup
 
-__all__ = ["apply_tensor_parallel"]
+__all__ = ["apply_tensor_parallel", "check_slicing"]
 
 _HEADS = ("n_head", "num_heads", "n_heads", "num_attention_heads")
 _KV_HEADS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head")
@@ -316,6 +316,13 @@ def _block_edits(
             else:
                 edits += _slice_separate_attention(m, match, group, rank, size)
     return edits
+
+
+def check_slicing(model: nn.Module, size: int, vocab_parallel: bool = True) -> None:
+    """Raise the ValueError `apply_tensor_parallel` would raise for `size` ranks, without a
+    process group. Slices `model` in place as rank 0 would: pass a throwaway copy (one built
+    on the meta device costs nothing)."""
+    apply_tensor_parallel(model, PlanningGroup(size), 0, size, vocab_parallel)
 
 
 def apply_tensor_parallel(
