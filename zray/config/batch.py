@@ -31,8 +31,12 @@ B = micro x gas x w with whole micro, gas >= 1. Two ways to fix B:
         min_gpus / num_gpus_per_node down, counting a node count below min_gpus);
       - DeepSpeed 0.2, asked for a size outside its list, invents a different batch for
         that size alone; zray skips the size instead, because the batch must not change;
-      - model_parallel_size > 1 is refused here: zray's workers are data-parallel ranks
-        until tensor slicing learns to rescale.
+      - model_parallel_size > 1 is refused, and so is `tensor_parallel.tp_size` > 1 with an
+        enabled block: the algorithm counts every worker as a data-parallel rank.
+
+Tensor slicing (rule (a) only): plans stay keyed by worker count w, but only multiples of
+tp_size are sizes at all, and the batch splits over the w / tp_size data-parallel ranks (a
+tensor group reads one micro-batch together): B = micro x gas x (w / tp).
 """
 
 from __future__ import annotations
