@@ -294,6 +294,7 @@ def test_deploy_has_the_manifests_the_docs_promise() -> None:
         ("pvc.yaml", "PersistentVolumeClaim"),
         ("podmonitor.yaml", "PodMonitor"),
         ("cpu/rayjob.yaml", "RayJob"),
+        ("networkpolicy.yaml", "NetworkPolicy"),
     ]:
         assert expected in kinds, f"{expected[1]} missing from deploy/{expected[0]}"
     assert (DEPLOY / "Dockerfile").is_file()
@@ -836,3 +837,47 @@ def test_dockerfile_builds_the_extension_and_runs_as_user_1000() -> None:
         if ln.upper().startswith("COPY ") and "--from=" not in ln:
             for src in ln.split()[1:-1]:
                 assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repo"
+
+
+# ---- the NetworkPolicy: zray's pods reach each other; from outside, only named ports --------
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_the_network_policy_covers_every_zray_pod_and_admits_them_to_each_other() -> None:
+    (policy,) = _of_kind("NetworkPolicy")
+    spec = policy.obj["spec"]
+    assert policy.obj["apiVersion"] == "networking.k8s.io/v1"
+    assert spec["policyTypes"] == ["Ingress"]
+    selector = spec["podSelector"]["matchLabels"]
+    peers = [r for r in spec["ingress"] if "ports" not in r]
+    assert len(peers) == 1, "one rule without ports: zray's pods among themselves"
+    (peer,) = peers[0]["from"]
+    assert set(peer) == {"podSelector"}, "pods of this namespace only, no namespaceSelector"
+    assert peer["podSelector"]["matchLabels"] == selector
+    for cluster in CLUSTERS:
+        labelled = [("head", cluster.head_labels)]
+        labelled += [
+            (g["groupName"], g["template"].get("metadata", {}).get("labels", {}))
+            for g in cluster.groups
+        ]
+        submitter = cluster.doc.obj["spec"].get("submitterPodTemplate")
+        if cluster.doc.kind == "RayJob" and submitter:
+            labelled.append(("submitter", submitter.get("metadata", {}).get("labels", {})))
+        for where, labels in labelled:
+            assert _selects(selector, labels), f"{cluster.doc} {where}: not covered ({labels})"
+
+
+def test_the_network_policy_opens_only_the_operator_and_metrics_ports_from_outside() -> None:
+    (policy,) = _of_kind("NetworkPolicy")
+    outside = [r for r in policy.obj["spec"]["ingress"] if "ports" in r]
+    opened = {p["port"] for r in outside for p in r["ports"]}
+    assert opened == {8265, METRICS_PORT_NAME}, opened
+    for rule in outside:
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector"} and peer["namespaceSelector"]["matchLabels"]
+    for cluster in CLUSTERS:  # the ports named are the head's
+        ports = {p.get("name"): p["containerPort"] for p in cluster.head.get("ports", [])}
+        assert ports.get("dashboard") == 8265 and METRICS_PORT_NAME in ports, cluster.doc
