@@ -20,6 +20,22 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
+    # A file every rank can open (all ranks on one machine): they meet through it (torch's
+    # FileStore) instead of a TCP store, and their collectives bind the loopback interface,
+    # so that the process group opens no socket reachable from outside the machine.
+    store_file: str | None = None
+
+
+def use_loopback_sockets() -> None:
+    """Point gloo's and NCCL's sockets at the loopback interface, unless the user chose one
+    (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME). For process groups on one machine only."""
+    import socket
+
+    names = [name for _, name in socket.if_nameindex()]
+    if "lo" not in names:  # Linux names it lo; elsewhere leave the libraries' choice
+        return
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(var, "lo")
 
 
 def _int(name: str, default: int) -> int:

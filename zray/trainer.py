@@ -120,22 +120,19 @@ class Trainer:
     def __init__(
         self,
         spec: RunSpec,
-        rank: int,
-        world: int,
-        master_addr: str,
-        master_port: int,
+        env: DistEnv,
         resume: Resume = None,
         attempt: int = 0,
         send_copy: Send | None = None,
     ) -> None:
-        self.spec, self.rank, self.world, self.attempt = spec, rank, world, attempt
-        self.master_addr, self.master_port, self.resume = master_addr, master_port, resume
+        self.spec, self.env, self.attempt, self.resume = spec, env, attempt, resume
+        self.rank, self.world = env.rank, env.world_size
         self.send_copy = send_copy
         self.cfg = Config.from_dict(spec.config)
         self.max_steps = self.cfg.zray.max_steps or 100
         self.losses = LossLog()  # (step, global mean loss), the resumed history first
         self.steps_done = 0
-        self._report = Report(rank=rank, pid=os.getpid(), node=socket.gethostname())
+        self._report = Report(rank=env.rank, pid=os.getpid(), node=socket.gethostname())
         self._lock = threading.Lock()
         # A pause asked for by the controller; the ranks agree on the step (StepSignals).
         self._pause = threading.Event()
@@ -192,7 +189,7 @@ class Trainer:
         init_distributed(
             backend="nccl" if run.use_gpu else "gloo",
             timeout=run.collective_timeout_s,
-            env=DistEnv(self.rank, self.world, 0, self.master_addr, self.master_port),
+            env=self.env,
             device=device if device is not None else "cpu",
         )
         torch.manual_seed(run.seed)
@@ -457,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = read_dist_env()
     spec = RunSpec(config=cfg.to_dict(), model=cfg.zray.model, data=synthetic_table(cfg.zray.data))
-    trainer = Trainer(spec, env.rank, env.world_size, env.master_addr, env.master_port)
+    trainer = Trainer(spec, env)
     outcome = trainer.train()
     if env.rank == 0:
         print(json.dumps({"steps": outcome.steps, "losses": outcome.losses}))

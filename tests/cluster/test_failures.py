@@ -70,7 +70,9 @@ def test_a_nan_loss_stops_the_run_at_its_step_without_a_restart(
         assert torch.isfinite(reader.read(name, 0, int(torch.Size(shape).numel()))).all(), name
 
 
-def test_collective_timeout_restarts_the_group(parquet_tokens: Path, tmp_path: Path) -> None:
+def test_collective_timeout_restarts_the_group_and_names_the_rank_that_stalled(
+    parquet_tokens: Path, tmp_path: Path
+) -> None:
     cfg = _runs.config(
         2, steps=6, num_workers=2, checkpoint_interval=2, collective_timeout_s=10.0, max_failures=1
     )
@@ -84,6 +86,8 @@ def test_collective_timeout_restarts_the_group(parquet_tokens: Path, tmp_path: P
     assert run.steps == 6 and run.restarts == 1
     restart = next(d for d in run.decisions if d.startswith("restart"))
     assert "rank 0 error" in restart, run.decisions
+    # The rank the collective waited for is named, with the function it was stuck in.
+    assert "rank 1 timeout: stalled in loss_that_hangs_once (" in restart, restart
 
 
 def test_gives_up_after_max_failures_with_the_ranks_error(parquet_tokens: Path) -> None:

@@ -7,6 +7,7 @@ protocol), so its state machine can be driven in tests by a fake group.
 from __future__ import annotations
 
 import contextlib
+import re
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -118,6 +119,11 @@ class RayWorkerGroup:
         ]
         try:
             addr, port = ray.get(self.actors[0].rendezvous.remote(), timeout=self.start_timeout_s)
+            nodes = ray.get([a.node.remote() for a in self.actors], timeout=self.start_timeout_s)
+            # All ranks on one node (an embedded cluster, a small run): they meet through a
+            # file there, and no socket of the process group faces the network.
+            one_node = len(set(nodes)) == 1
+            store_file = ray.get(self.actors[0].store_file.remote()) if one_node else None
         except Exception as e:
             raise GroupStartError(
                 [Failure(0, FailureKind.DIED, f"rendezvous failed: {e!r}")]
@@ -127,7 +133,15 @@ class RayWorkerGroup:
             resume = [ray.put(resume)]
         self.runs = [
             actor.run.remote(
-                self.spec, rank, self.size, addr, port, resume, attempt, self._holder(rank)
+                self.spec,
+                rank,
+                self.size,
+                addr,
+                port,
+                resume,
+                attempt,
+                self._holder(rank),
+                store_file,
             )
             for rank, actor in enumerate(self.actors)
         ]
@@ -163,6 +177,8 @@ class RayWorkerGroup:
                     )
                 )
         if out.failures:
+            if any(_TIMED_OUT.search(f.message) for f in out.failures):
+                out.failures += self._stragglers({f.rank for f in out.failures})
             return out
         refs = [a.report.remote() for a in self.actors]
         for rank, ref in enumerate(refs):
@@ -178,6 +194,37 @@ class RayWorkerGroup:
         if len(self._finished) == self.size:
             out.outcome = self._finished[0]
             out.outcomes = dict(self._finished)
+        return out
+
+    def _stragglers(self, failed: set[int]) -> list[Failure]:
+        """After a collective timed out: the ranks that did not arrive, with where they were.
+
+        The ranks waiting in the collective time out together; a rank still running a moment
+        later (stuck in its own code, or waiting elsewhere) is the one they waited for."""
+        import ray
+
+        pending = [r for r in range(self.size) if r not in failed and r not in self._finished]
+        if not pending:
+            return []
+        _, running = ray.wait(
+            [self.runs[r] for r in pending], num_returns=len(pending), timeout=_ARRIVAL_GRACE_S
+        )
+        out = []
+        for ref in running:
+            rank = self.runs.index(ref)
+            try:
+                where = ray.get(self.actors[rank].stack.remote(), timeout=10)
+            except Exception as e:  # the report goes on without the stack
+                text = f"its stack could not be read ({type(e).__name__})"
+            else:
+                text = (
+                    "it was not training"
+                    if where is None
+                    else f"its training thread (innermost call last):\n{where[0].rstrip()}\n"
+                    f"stalled in {where[1]}"
+                )
+            message = f"did not arrive at the collective the other ranks timed out in; {text}"
+            out.append(Failure(rank, FailureKind.TIMEOUT, message))
         return out
 
     def _progressed(self, rank: int) -> bool:
@@ -228,6 +275,13 @@ class RayWorkerGroup:
     def pids(self) -> list[int]:
         """Worker process ids (for tests and benchmarks that kill one)."""
         return [r.pid for r in self.poll().reports]
+
+
+# A collective that timed out, in the words of gloo, NCCL and torch.distributed.
+_TIMED_OUT = re.compile(r"timed ?out|timeout", re.IGNORECASE)
+# How long the other ranks get to end their runs after the first timeout is seen: the ranks
+# waiting in one collective time out within moments of each other.
+_ARRIVAL_GRACE_S = 2.0
 
 
 def _retryable(cause: BaseException | None) -> bool:

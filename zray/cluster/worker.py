@@ -7,6 +7,12 @@ collective whose peer has died.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -15,6 +21,7 @@ import ray
 
 from zray.checkpoint.replica import ReplicaStore
 from zray.checkpoint.shard import PackedShard
+from zray.env import DistEnv
 from zray.launch import free_port
 from zray.trainer import Report, Resume, RunOutcome, RunSpec, Trainer
 
@@ -34,11 +41,23 @@ class Worker:
     def __init__(self) -> None:
         self.loop: Trainer | None = None
         self.replicas = ReplicaStore()
+        self._training_thread: int | None = None  # the thread running `run`, for `stack`
+        self._store_dir: str | None = None  # made by store_file(), removed after run()
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port on it: rank 0's process group store."""
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def store_file(self) -> str:
+        """A file path in a new private directory on this node, for a group whose ranks all
+        run here to meet through (torch's FileStore): no TCP store listens. The directory
+        goes when rank 0's run ends."""
+        self._store_dir = tempfile.mkdtemp(prefix="zray-rendezvous-")  # mode 0700
+        return os.path.join(self._store_dir, "store")
 
     def run(
         self,
@@ -50,15 +69,33 @@ class Worker:
         resume: Resume,
         attempt: int,
         holder: Any = None,
+        store_file: str | None = None,
     ) -> RunOutcome:
+        self._training_thread = threading.get_ident()
         send = send_to(holder, rank) if holder is not None else None
         # What the Trainer gets holds no Ray objects: the data and the in-memory state to
         # resume from may come as refs into the object store.
         spec = replace(spec, data=_resolve(spec.data))
         if isinstance(resume, list):
             resume = [_resolve(item) for item in resume]
-        self.loop = Trainer(spec, rank, world, master_addr, master_port, resume, attempt, send)
-        return self.loop.train()
+        env = DistEnv(rank, world, 0, master_addr, master_port, store_file)
+        self.loop = Trainer(spec, env, resume, attempt, send)
+        try:
+            return self.loop.train()
+        finally:
+            if self._store_dir is not None:
+                shutil.rmtree(self._store_dir, ignore_errors=True)
+
+    def stack(self) -> tuple[str, str] | None:
+        """Where the training thread is now: its Python stack (innermost call last) and the
+        innermost frame as `function (file:line)`. None before training starts or after it
+        ended. Answered on another of the actor's threads, also while training is stuck."""
+        frame = sys._current_frames().get(self._training_thread or -1)
+        if frame is None:
+            return None
+        summary = traceback.extract_stack(frame)
+        last = summary[-1]
+        return "".join(summary.format()), f"{last.name} ({last.filename}:{last.lineno})"
 
     def report(self) -> Report | None:
         if self.loop is None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.distributed as dist
 
-from zray.env import DistEnv, dist_env_is_set, read_dist_env
+from zray.env import DistEnv, dist_env_is_set, read_dist_env, use_loopback_sockets
 from zray.errors import ConfigError
 from zray.parallel.comm_stats import CommStats
 
@@ -194,9 +194,14 @@ def init_distributed(
         torch.cuda.set_device(device)
     if not isinstance(timeout, datetime.timedelta):
         timeout = datetime.timedelta(seconds=float(timeout))
+    if env.store_file:
+        use_loopback_sockets()
+        init_method = f"file://{env.store_file}"
+    else:
+        init_method = f"tcp://{env.master_addr}:{env.master_port}"
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        init_method=init_method,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,
