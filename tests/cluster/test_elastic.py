@@ -8,11 +8,8 @@ the package's cluster.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,27 +20,12 @@ from zray.cluster.controller import RunStatus
 
 pytestmark = pytest.mark.cluster
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def scenario(module: str, parquet: Path) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", module, str(parquet)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
 
 def test_grows_and_shrinks_with_the_loss_of_a_fixed_size_run(parquet_tokens: Path) -> None:
     """2 nodes, a third joins (grow 2 -> 3), one leaves (shrink 3 -> 2): every step's loss
     equals the fixed 2-worker run's (same global batch, fp32, 1e-5), the shrink recovers from the
     newest in-memory copy every rank had, and no checkpoint directory exists at all."""
-    r = scenario("tests.cluster._elastic", parquet_tokens)
+    r = _runs.scenario("tests.cluster._elastic", parquet_tokens)
     assert set(r["events"]) == {"added", "grown", "removed"}, r
     assert r["world_sizes"] == [2, 3] and r["resizes"] == 1 and r["restarts"] == 1
     # Copies are taken off the step's path (at best every 2nd step, later when sending lags),
@@ -68,7 +50,7 @@ def test_faults_during_resize_and_below_min(parquet_tokens: Path) -> None:
     """A worker killed while the group pauses for a grow, then two nodes lost at once (below
     the minimum): the run recovers (in memory when it can, else from the last committed
     checkpoint), waits for capacity, resumes when a node returns, and completes."""
-    r = scenario("tests.cluster._elastic_faults", parquet_tokens)
+    r = _runs.scenario("tests.cluster._elastic_faults", parquet_tokens)
     assert set(r["events"]) == {"added", "killed", "shrunk", "readded"}, r
     assert r["steps"] == 200 and r["restarts"] >= 2 and r["waited"] and r["committed"]
     assert [s for s, _ in r["losses"]] == list(range(1, 201))

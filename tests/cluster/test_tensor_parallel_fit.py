@@ -10,11 +10,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -46,17 +43,7 @@ def test_dp2_tp2_fit_equals_the_launched_trainer_and_plain_data_parallel(
     assert fitted.world_size == 4 and fitted.steps == STEPS
 
     cfg["zray"]["data"] = str(parquet_tokens)
-    path = tmp_path / "run.json"
-    path.write_text(json.dumps(cfg))
-    out = subprocess.run(
-        [sys.executable, "-m", "zray.launch", "--nproc", "4", "zray/trainer.py", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    launched = json.loads(out.stdout.strip().splitlines()[-1])
+    launched = _runs.launch_trainer(cfg, 4, tmp_path)
     assert [tuple(x) for x in launched["losses"]] == fitted.losses
 
     plain = zray.fit(config=tp_config(1), data=str(parquet_tokens), progress=False)
@@ -109,16 +96,7 @@ def test_an_elastic_tp2_run_grows_from_2_to_4_workers_on_the_fixed_runs_losses(
     """dp 1 x tp 2 -> dp 2 x tp 2 when a node joins: every step's loss equals the fixed
     dp 2 x tp 2 run's (same global batch, fp32, 1e-5: the data-parallel size changes the
     order of sums)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.cluster._elastic_tp", str(parquet_tokens)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = _runs.scenario("tests.cluster._elastic_tp", parquet_tokens)
     assert r["fixed_world"] == r["elastic_world"] == 4, r
     assert r["world_sizes"] == [2, 4] and r["resizes"] == 1 and "added" in r["events"], r
     fixed, elastic = dict(map(tuple, r["fixed"])), dict(map(tuple, r["elastic"]))

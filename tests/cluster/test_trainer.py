@@ -3,9 +3,6 @@ the same model, config and data as `zray.fit` and gets the same losses, bit for 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,23 +12,11 @@ from tests.cluster import _runs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("ray_cluster")]
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_trainer_under_zray_launch_matches_fit(parquet_tokens: Path, tmp_path: Path) -> None:
     cfg = _runs.config(2, steps=8, num_workers=2)
     cfg["zray"]["data"] = str(parquet_tokens)
-    path = tmp_path / "run.json"
-    path.write_text(json.dumps(cfg))
-    out = subprocess.run(
-        [sys.executable, "-m", "zray.launch", "--nproc", "2", "zray/trainer.py", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    launched = json.loads(out.stdout.strip().splitlines()[-1])
+    launched = _runs.launch_trainer(cfg, 2, tmp_path)
     fitted = zray.fit(config=cfg, progress=False)
     assert launched["steps"] == fitted.steps == 8
     assert [tuple(x) for x in launched["losses"]] == fitted.losses
