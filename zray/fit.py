@@ -175,14 +175,49 @@ def _ensure_ray(address: str | None, num_workers: int, use_gpu: bool) -> bool:
             num_workers / cores,
             cores,
         )
-    ray.init(
-        # Logical CPUs: one per worker plus room for the controller, even on a 2-core laptop.
-        num_cpus=max(os.cpu_count() or 1, num_workers + 1),
-        num_gpus=torch.cuda.device_count() if use_gpu else 0,
-        include_dashboard=False,
-        log_to_driver=True,
-    )
+    _single_machine_ray(True)
+    try:
+        ray.init(
+            # A new cluster of its own, never one that `ray start` left running here.
+            address="local",
+            # Logical CPUs: one per worker plus room for the controller, even on 2 cores.
+            num_cpus=max(os.cpu_count() or 1, num_workers + 1),
+            num_gpus=torch.cuda.device_count() if use_gpu else 0,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+    except BaseException:
+        _single_machine_ray(False)
+        raise
     return True
+
+
+# Ray's switch for its single-machine mode (the one it uses on macOS and Windows): its node
+# address is then 127.0.0.1, and its servers (GCS, raylet, agents, every worker's) listen on
+# loopback only. On Linux Ray binds them to the machine's address or all interfaces. Ray reads
+# the variable when imported (this process) and when its processes start (they inherit it).
+_SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_before: dict[str, Any] = {}
+
+
+def _single_machine_ray(on: bool) -> None:
+    """Switch Ray's single-machine mode on for an embedded run, and back after it (a later
+    run in this process may join a cluster by address, which needs the machine's address)."""
+    from ray._private import ray_constants
+
+    if on:
+        _before.update(
+            var=os.environ.get(_SINGLE_MACHINE_VAR), flag=ray_constants.ENABLE_RAY_CLUSTER
+        )
+        os.environ[_SINGLE_MACHINE_VAR] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    elif _before:
+        if _before["var"] is None:
+            os.environ.pop(_SINGLE_MACHINE_VAR, None)
+        else:
+            os.environ[_SINGLE_MACHINE_VAR] = _before["var"]
+        ray_constants.ENABLE_RAY_CLUSTER = _before["flag"]
+        _before.clear()
 
 
 def fit(
@@ -280,6 +315,7 @@ def fit(
     finally:
         if started:
             ray.shutdown()
+            _single_machine_ray(False)
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
