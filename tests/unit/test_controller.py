@@ -328,3 +328,41 @@ def test_code_that_raises_before_the_first_step_is_not_restarted() -> None:
     died = [Failure(1, "died", "actor died", progressed=False), *bug[:1]]
     for failures in (later, timeout, died):
         assert policy.decide(failures, restarts_so_far=0).action is Action.RESTART, failures
+
+
+class FinishingGroup(FakeGroup):
+    """Asked to pause, it reaches max_steps first and finishes (no handover)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, [running(5)])
+        self.pause_requested = False
+
+    def poll(self) -> GroupPoll:
+        return GroupPoll(outcome=outcome()) if self.pause_requested else running(5)
+
+
+def test_a_run_that_finishes_before_its_resize_pause_is_finished() -> None:
+    """Seen in CI (test_faults_during_resize_and_below_min): RESIZING -> FINISHED was not an
+    allowed transition, and the run ended in an AssertionError instead of its outcome."""
+    clock, capacity = Clock(), {"n": 2}
+    made: list[FakeGroup] = []
+
+    def make(n: int) -> FakeGroup:
+        made.append(FinishingGroup(n))
+        return made[-1]
+
+    c = Controller(
+        make,
+        (2, 4),
+        FailurePolicy(2),
+        lambda: None,
+        valid_sizes=[2, 3, 4],
+        capacity=lambda current: capacity["n"],
+        scale_interval_s=5.0,
+        clock=clock,
+    )
+    assert [c.step(), c.step()] == [RunState.SCHEDULING, RunState.RUNNING]
+    clock.t, capacity["n"] = 10.0, 3
+    assert c.step() is RunState.RESIZING
+    assert c.step() is RunState.FINISHED
+    assert c.outcome == outcome() and made[0].shut and c.resizes == 0

@@ -32,7 +32,10 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     RunState.RUNNING: frozenset(
         {RunState.FINISHED, RunState.RECOVERING, RunState.RESIZING, RunState.ERRORED}
     ),
-    RunState.RESIZING: frozenset({RunState.SCHEDULING, RunState.RECOVERING, RunState.ERRORED}),
+    # FINISHED: the last step came before the step the ranks agreed to pause at.
+    RunState.RESIZING: frozenset(
+        {RunState.SCHEDULING, RunState.RECOVERING, RunState.FINISHED, RunState.ERRORED}
+    ),
     RunState.RECOVERING: frozenset({RunState.SCHEDULING, RunState.ERRORED}),
     RunState.WAITING: frozenset({RunState.SCHEDULING, RunState.ERRORED}),
     RunState.FINISHED: frozenset(),
