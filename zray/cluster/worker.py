@@ -43,6 +43,7 @@ class Worker:
         self.replicas = ReplicaStore()
         self._training_thread: int | None = None  # the thread running `run`, for `stack`
         self._store_dir: str | None = None  # made by store_file(), removed after run()
+        self._pause_requested = False
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port on it: rank 0's process group store."""
@@ -80,6 +81,8 @@ class Worker:
             resume = [_resolve(item) for item in resume]
         env = DistEnv(rank, world, 0, master_addr, master_port, store_file)
         self.loop = Trainer(spec, env, resume, attempt, send)
+        if self._pause_requested:
+            self.loop.request_pause()
         try:
             return self.loop.train()
         finally:
@@ -104,6 +107,10 @@ class Worker:
         return replace(self.loop.report(), node=ray.get_runtime_context().get_node_id())
 
     def request_pause(self) -> None:
+        # Asked before `run` built its Trainer (it may still be fetching the state to resume
+        # from): remembered and passed on, or the group would never pause and the controller
+        # would wait in RESIZING until the run ends.
+        self._pause_requested = True
         if self.loop is not None:
             self.loop.request_pause()
 
