@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from zray.cluster.controller import Controller, RunFailedError
@@ -190,16 +192,9 @@ class PausingGroup(FakeGroup):
         return GroupPoll(outcome=outcomes[0], outcomes=outcomes)
 
 
-def test_grows_when_capacity_appears_and_hands_state_over_in_memory() -> None:
-    clock, capacity = Clock(), {"n": 2}
-    made: list[FakeGroup] = []
-
-    def make(n: int) -> FakeGroup:
-        g = PausingGroup(n) if not made else FakeGroup(n, [GroupPoll(outcome=outcome())])
-        made.append(g)
-        return g
-
-    c = Controller(
+def elastic(make: Any, capacity: dict[str, int], clock: Clock) -> Controller:
+    """A controller of a [2, 4] run whose capacity is `capacity["n"]` workers."""
+    return Controller(
         make,
         (2, 4),
         FailurePolicy(2),
@@ -209,6 +204,18 @@ def test_grows_when_capacity_appears_and_hands_state_over_in_memory() -> None:
         scale_interval_s=5.0,
         clock=clock,
     )
+
+
+def test_grows_when_capacity_appears_and_hands_state_over_in_memory() -> None:
+    clock, capacity = Clock(), {"n": 2}
+    made: list[FakeGroup] = []
+
+    def make(n: int) -> FakeGroup:
+        g = PausingGroup(n) if not made else FakeGroup(n, [GroupPoll(outcome=outcome())])
+        made.append(g)
+        return g
+
+    c = elastic(make, capacity, clock)
     assert [c.step(), c.step()] == [RunState.SCHEDULING, RunState.RUNNING]
     assert made[0].size == 2
     clock.t = 10.0
@@ -351,16 +358,7 @@ def test_a_run_that_finishes_before_its_resize_pause_is_finished() -> None:
         made.append(FinishingGroup(n))
         return made[-1]
 
-    c = Controller(
-        make,
-        (2, 4),
-        FailurePolicy(2),
-        lambda: None,
-        valid_sizes=[2, 3, 4],
-        capacity=lambda current: capacity["n"],
-        scale_interval_s=5.0,
-        clock=clock,
-    )
+    c = elastic(make, capacity, clock)
     assert [c.step(), c.step()] == [RunState.SCHEDULING, RunState.RUNNING]
     clock.t, capacity["n"] = 10.0, 3
     assert c.step() is RunState.RESIZING
