@@ -73,7 +73,13 @@ class FailurePolicy:
         )
 
 
-_TRANSIENT = re.compile(r"\b(timed out|timeout|connection|peer|broken pipe|nccl|gloo)\b", re.I)
+# A rendezvous port taken by another process between picking it and binding it
+# (EADDRINUSE, torch's DistNetworkError) is as transient as a lost peer.
+_TRANSIENT = re.compile(
+    r"\b(timed out|timeout|connection|peer|broken pipe|nccl|gloo|address already in use"
+    r"|eaddrinuse|distnetworkerror)\b",
+    re.I,
+)
 
 
 def _looks_transient(message: str) -> bool:
