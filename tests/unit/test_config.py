@@ -904,3 +904,25 @@ def test_overriding_max_steps_moves_an_auto_schedule(tmp_path: Path) -> None:
     cfg = Config.load(fixed, zray={"max_steps": 30})
     assert cfg.scheduler is not None and cfg.scheduler.resolved_params()["total_num_steps"] == 80
     assert Config.load(raw).zray.max_steps == 100  # no override: as written
+
+
+def test_scheduler_sections_follow_the_schedules() -> None:
+    """Each schedule's section declares exactly the constructor's params (bar the optimizer and
+    the resume position), and its defaults are the constructor's: one place for defaults."""
+    import inspect
+
+    from zray import schedulers
+    from zray.config.schedulers import SCHEDULER_TYPES
+
+    assert set(SCHEDULER_TYPES) == set(schedulers.SCHEDULERS) - {"LRRangeTest"}
+    for name, section in SCHEDULER_TYPES.items():
+        signature = inspect.signature(schedulers.SCHEDULERS[name].__init__).parameters
+        resume = ("self", "optimizer", "last_batch_iteration")
+        taken = {k: p for k, p in signature.items() if k not in resume}
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        assert set(fields) == set(taken), name
+        for k, p in taken.items():
+            if p.default is inspect.Parameter.empty:
+                assert fields[k].default is dataclasses.MISSING, (name, k)
+            else:
+                assert fields[k].default == p.default, (name, k)

@@ -72,12 +72,15 @@ def meta(
     ignore_case: bool = False,
     aliases: tuple[str, ...] = (),
     key: str | None = None,
+    auto: Any = NOT_GIVEN,
 ) -> dict[str, Any]:
     """Field metadata holding the constraints `Section` checks, used as
     `field(default=0, metadata=meta(ge=0))`.
 
     `aliases` are deprecated spellings read as this field (with a warning); `key` overrides the
-    dotted path used in messages when the field does not sit at `<section path>.<name>`.
+    dotted path used in messages when the field does not sit at `<section path>.<name>`; `auto`
+    is what "auto" reads as when that is not the default (e.g. None: "derived later").
+    Bounds apply to each element of a list value.
     """
     return {
         "ge": ge,
@@ -88,6 +91,7 @@ def meta(
         "ignore_case": ignore_case,
         "aliases": aliases,
         "key": key,
+        "auto": auto,
     }
 
 
@@ -286,7 +290,7 @@ def build(cls: type[S], raw: Any) -> S:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in kwargs:
             key = f.metadata.get("key") or join(cls._path, f.name)
-            raise ConfigError(key, NOT_GIVEN, cls._allowed(f.name), "required key is missing")
+            raise ConfigError(key, NOT_GIVEN, cls._allowed(f.name), cls._missing(f.name))
     return cls(**kwargs)
 
 
@@ -336,14 +340,18 @@ class Section:
             if f.metadata.get("choices") is not None and value is not None:
                 ignore_case = f.metadata.get("ignore_case", False)
                 value = check_choice(value, f.metadata["choices"], key, ignore_case)
-            what = "an integer" if type(value) is int else "a number"
-            check_bounds(value, f.metadata, key, what)
+            items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+            for i, v in items:
+                what = "an integer" if type(v) is int else "a number"
+                check_bounds(v, f.metadata, key if i is None else f"{key}[{i}]", what)
             # Frozen dataclass: __post_init__ is the one place allowed to normalise in place.
             object.__setattr__(self, f.name, value)
         self._check()
 
     @staticmethod
     def _auto_value(f: dataclasses.Field[Any], key: str) -> Any:
+        if f.metadata.get("auto", NOT_GIVEN) is not NOT_GIVEN:
+            return f.metadata["auto"]
         if f.default is not dataclasses.MISSING:
             return f.default
         if f.default_factory is not dataclasses.MISSING:
@@ -357,6 +365,11 @@ class Section:
 
     def _check(self) -> None:
         """Rules across fields; runs after every field is coerced and in range."""
+
+    @classmethod
+    def _missing(cls, name: str) -> str:
+        """Why required field `name` is an error when left out."""
+        return "required key is missing"
 
     @classmethod
     def json_keys(cls) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from zray.config.fields import (
     AUTO,
     Section,
+    build,
     check_choice,
     check_keys,
     coerce,
@@ -20,7 +21,7 @@ from zray.config.fields import (
     plain,
     warn_once,
 )
-from zray.config.schedulers import SCHEDULER_TYPES, check_scheduler_params
+from zray.config.schedulers import SCHEDULER_TYPES
 from zray.errors import NOT_GIVEN, ConfigError
 
 _ADAM_PARAMS = (
@@ -126,7 +127,8 @@ class SchedulerConfig(Section):
     params: dict[str, Any] = field(default_factory=dict)
 
     def _check(self) -> None:
-        object.__setattr__(self, "params", check_scheduler_params(self.type, self.params))
+        params = build(SCHEDULER_TYPES[self.type], self.params).as_dict()
+        object.__setattr__(self, "params", params)
 
     def resolved_params(self) -> dict[str, Any]:
         """`params` ready to build the schedule; raises if total_num_steps is still unresolved.
