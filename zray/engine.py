@@ -380,6 +380,26 @@ class Engine(nn.Module):
 
     # ---- checkpoints --------------------------------------------------------------------------
 
+    def counters(self) -> dict[str, Any]:
+        """The engine's own training state besides tensors: step counters, loss scaler and
+        learning-rate schedule (a checkpoint's "engine" entry)."""
+        return {
+            "global_steps": self.global_steps,
+            "micro_steps": self.micro_steps,
+            "skipped_steps": self.skipped_steps,
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+        }
+
+    def load_counters(self, counters: dict[str, Any]) -> None:
+        """Restore what `counters` handed out."""
+        self.global_steps = counters["global_steps"]
+        self.micro_steps = counters["micro_steps"]
+        self.skipped_steps = counters["skipped_steps"]
+        self.scaler.load_state_dict(counters["scaler"])
+        if self.lr_scheduler is not None and counters.get("scheduler") is not None:
+            self.lr_scheduler.load_state_dict(counters["scheduler"])
+
     def save_checkpoint(
         self,
         save_dir: str,

@@ -24,6 +24,15 @@ import torch
 from zray.checkpoint.shard import MASTER, ParamRange, RankShard
 from zray.parallel.tp_layers import tp_slices
 from zray.parallel.tp_slice import TPSlice
+from zray.zero.shard_state import (
+    elementwise_state,
+    group_scalars,
+    group_settings,
+    load_group_scalars,
+    load_group_settings,
+    owned_slots,
+    state_place,
+)
 
 if TYPE_CHECKING:
     from zray.engine import Engine
@@ -36,11 +45,6 @@ class RangeReader(Protocol):
     def keys(self, name: str) -> set[str]: ...
     def rank_state(self, rank: int) -> dict[str, Any] | None: ...
     def global_state(self) -> dict[str, Any]: ...
-
-
-def _segments(engine: Engine) -> dict[tuple[int, int], tuple[int, int, torch.Tensor]]:
-    """(unit index, group) -> (unit-buffer lo, hi, the optimizer's tensor for that segment)."""
-    return {k: (seg.lo, seg.hi, t) for k, (seg, t) in engine.zero.segment_tensors.items()}
 
 
 def rng_state(engine: Engine) -> dict[str, Any]:
@@ -102,43 +106,32 @@ class StateLayout:
 
 def state_layout(engine: Engine) -> StateLayout:
     """This rank's state as views of the engine's own tensors (nothing is copied)."""
-    ctx, opt = engine.ctx, engine.zero.optimizer
-    segments = _segments(engine)
+    ctx, zero = engine.ctx, engine.zero
     specs = tp_slices(engine.module)
     sources: list[torch.Tensor] = []
     index: dict[int, int] = {}
 
     def source(t: torch.Tensor) -> int:
-        flat = t.detach().reshape(-1)
         key = id(t)
         if key not in index:
             index[key] = len(sources)
-            sources.append(flat)
+            sources.append(t.detach().reshape(-1))
         return index[key]
 
     ranges: list[RangeSpec] = []
-    scalars: dict[tuple[int, str], ScalarSpec] = {}
-    for ui, unit in enumerate(engine.zero.units):
-        for slot in unit.layout.slots:
-            overlap = unit.layout.slot_overlap(slot, ctx.dp_rank)
-            spec = specs.get(slot.name)
-            if overlap is None or (spec is None and ctx.tp_rank != 0):
-                continue
-            lo, hi = overlap
-            a = slot.offset + lo  # position in the unit's flat buffer
-            parts = {MASTER: (source(unit.master), a - unit.shard_lo)}
-            if slot.group >= 0:
-                seg_lo, _, seg_t = segments[(ui, slot.group)]
-                for key, value in opt.state.get(seg_t, {}).items():
-                    if isinstance(value, torch.Tensor) and value.numel() == seg_t.numel():
-                        parts[key] = (source(value), a - seg_lo)
-                    elif isinstance(value, torch.Tensor):
-                        scalars[(slot.group, key)] = ScalarSpec(slot.group, key, source(value))
-                    elif isinstance(value, (int, float)):
-                        scalars[(slot.group, key)] = ScalarSpec(slot.group, key, None, value)
-            full = spec.full_shape if spec is not None else tuple(slot.shape)
-            ranges.append(RangeSpec(slot.name, full, lo, hi, spec, parts))
-    return StateLayout(sources, ranges, [scalars[k] for k in sorted(scalars)])
+    for slot in owned_slots(zero, ctx.dp_rank):
+        spec = specs.get(slot.name)
+        if spec is None and ctx.tp_rank != 0:
+            continue
+        places = {MASTER: slot.master, **elementwise_state(zero, slot)}
+        parts = {k: (source(p.tensor), p.offset) for k, p in places.items()}
+        full = spec.full_shape if spec is not None else slot.shape
+        ranges.append(RangeSpec(slot.name, full, slot.lo, slot.hi, spec, parts))
+    scalars = [
+        ScalarSpec(g, k, source(v)) if isinstance(v, torch.Tensor) else ScalarSpec(g, k, None, v)
+        for (g, k), v in sorted(group_scalars(zero).items())
+    ]
+    return StateLayout(sources, ranges, scalars)
 
 
 def shard_from(
@@ -197,11 +190,11 @@ class HostState:
 
 
 def host_state(engine: Engine) -> HostState:
-    groups = engine.zero.optimizer.param_groups
+    settings = group_settings(engine.zero)
     return HostState(
-        len(groups),
-        copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in groups]),
-        copy.deepcopy(engine_counters(engine)),
+        len(settings),
+        copy.deepcopy(settings),
+        copy.deepcopy(engine.counters()),
         rng_state(engine),
     )
 
@@ -223,73 +216,34 @@ def capture(
     return shard
 
 
-def engine_counters(engine: Engine) -> dict[str, Any]:
-    return {
-        "global_steps": engine.global_steps,
-        "micro_steps": engine.micro_steps,
-        "skipped_steps": engine.skipped_steps,
-        "scaler": engine.scaler.state_dict(),
-        "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
-    }
-
-
 def restore(engine: Engine, reader: RangeReader, load_optimizer: bool = True) -> dict[str, Any]:
     """Load the reader's checkpoint into `engine`'s current layout; returns the global state."""
     engine.settle_state()
-    ctx, opt = engine.ctx, engine.zero.optimizer
-    segments = _segments(engine)
+    ctx, zero = engine.ctx, engine.zero
     specs = tp_slices(engine.module)
     mine = reader.rank_state(ctx.rank) or reader.rank_state(0) or {}
-    group_scalars = mine.get("group_scalars") or []
     with torch.no_grad():
-        for ui, unit in enumerate(engine.zero.units):
-            for slot in unit.layout.slots:
-                overlap = unit.layout.slot_overlap(slot, ctx.dp_rank)
-                if overlap is None:
-                    continue
-                lo, hi = overlap
-                a = slot.offset + lo - unit.shard_lo
-                spec = specs.get(slot.name)
-                unit.master[a : a + hi - lo].copy_(reader.read(slot.name, lo, hi, MASTER, spec))
-                if not load_optimizer or slot.group < 0:
-                    continue
-                seg_lo, _, seg_t = segments[(ui, slot.group)]
-                state = opt.state.setdefault(seg_t, {})
-                for key in sorted(reader.keys(slot.name) - {MASTER}):
-                    if key not in state:
-                        state[key] = torch.zeros_like(seg_t)
-                    b = slot.offset + lo - seg_lo
-                    state[key].reshape(-1)[b : b + hi - lo].copy_(
-                        reader.read(slot.name, lo, hi, key, spec)
-                    )
+        for slot in owned_slots(zero, ctx.dp_rank):
+            spec = specs.get(slot.name)
+            lo, hi = slot.lo, slot.hi
+            slot.master.view(slot.numel).copy_(reader.read(slot.name, lo, hi, MASTER, spec))
+            if not load_optimizer or slot.segment is None:
+                continue
+            for key in sorted(reader.keys(slot.name) - {MASTER}):
+                place = state_place(zero, slot, key)
+                place.view(slot.numel).copy_(reader.read(slot.name, lo, hi, key, spec))
         if load_optimizer:
-            for gi, group in enumerate(opt.param_groups):
-                scalars = group_scalars[gi] if gi < len(group_scalars) else {}
-                for t in group["params"]:
-                    if t in opt.state:
-                        for key, value in scalars.items():
-                            # torch's Adam keeps "step" as a float32 CPU scalar tensor.
-                            opt.state[t][key] = torch.tensor(value, dtype=torch.float32)
-            saved_groups = mine.get("param_groups") or []
-            for group, saved in zip(opt.param_groups, saved_groups, strict=False):
-                for k, v in saved.items():
-                    if k in group:
-                        group[k] = tuple(v) if isinstance(group[k], tuple) else v
+            load_group_scalars(zero, mine.get("group_scalars") or [])
+            load_group_settings(zero, mine.get("param_groups") or [])
     glob = reader.global_state()
-    counters = glob.get("engine") or {}
-    if counters:
-        engine.global_steps = counters["global_steps"]
-        engine.micro_steps = counters["micro_steps"]
-        engine.skipped_steps = counters["skipped_steps"]
-        engine.scaler.load_state_dict(counters["scaler"])
-        if engine.lr_scheduler is not None and counters.get("scheduler") is not None:
-            engine.lr_scheduler.load_state_dict(counters["scheduler"])
+    if glob.get("engine"):
+        engine.load_counters(glob["engine"])
     rng = (reader.rank_state(ctx.rank) or {}).get("rng")
     if rng:
         torch.set_rng_state(rng["torch"])
         if ctx.is_cuda and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"])
         random.setstate(rng["python"])
-    engine.zero.zero_grad()
-    engine.zero.publish_params()
+    zero.zero_grad()
+    zero.publish_params()
     return glob
