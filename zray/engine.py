@@ -133,6 +133,11 @@ class Engine(nn.Module):
         self.micro_steps = 0
         self.global_steps = 0
         self.skipped_steps = 0
+        # Skip updates with non-finite gradients (bf16.check_grad_overflow, DeepSpeed's key, or
+        # zray.skip_nonfinite_steps for any precision); fp16's dynamic scaling always does.
+        self.skip_nonfinite = (
+            config.bf16.enabled and config.bf16.check_grad_overflow
+        ) or config.zray.skip_nonfinite_steps
         self.last_grad_norm: torch.Tensor | None = None
         # wall_clock_breakdown: per-phase seconds (CUDA events; one sync when read).
         self.timer = StepTimer(ctx.device, enabled=config.wall_clock_breakdown)
@@ -316,6 +321,13 @@ class Engine(nn.Module):
         unscale = 1.0 / (self.scaler.scale * self.ctx.dp_size)
         norm = sumsq.sqrt() * unscale  # norm of the averaged, unscaled gradient
         self.last_grad_norm = norm
+        # A host sync, only with the switch on (fp16's dynamic scaling checked above).
+        skip = self.skip_nonfinite and not self.scaler.dynamic
+        if skip and not bool(torch.isfinite(sumsq).item()):
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite gradients, update skipped", self.global_steps)
+            zero.zero_grad()
+            return
         factor = torch.full_like(norm, unscale)
         clip = self.config.gradient_clipping
         if clip > 0:

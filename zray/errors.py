@@ -80,7 +80,8 @@ class ConfigError(ZrayError, ValueError):
 
 
 class NonFiniteError(ZrayError):
-    """A step's loss or gradient norm was not finite (bf16 / fp32 training: nothing skips it).
+    """A step's loss or gradient norm was not finite (bf16 / fp32 training, nothing set to skip
+    such steps).
 
     Attributes: the step, what was not finite ("loss" or "gradient norm"), the ranks whose own
     value was not finite, and the global value. Raised on every rank at the same step; the run
@@ -93,8 +94,8 @@ class NonFiniteError(ZrayError):
         super().__init__(
             f"step {step}: the {what} is {value} on {where}; training stopped before taking "
             "another checkpoint (the last committed one is before this step). Causes: a learning "
-            "rate too high, bad input rows, a model bug; fp16 skips such steps, bf16 and fp32 "
-            "do not"
+            "rate too high, bad input rows, a model bug. fp16 skips such steps; bf16 and fp32 "
+            "do with zray.skip_nonfinite_steps (or bf16.check_grad_overflow) set to true"
         )
 
     def __reduce__(self) -> tuple[type[NonFiniteError], tuple[int, str, list[int], float]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import math
 import os
 import socket
@@ -43,6 +44,8 @@ from zray.metrics.progress import LossLog, RateWindow
 from zray.metrics.worker import WorkerMetrics
 from zray.parallel.context import init_distributed
 from zray.parallel.step_signals import StepSignals, StepValues
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Report", "Resume", "RunOutcome", "RunSpec", "Trainer"]
 
@@ -276,8 +279,8 @@ class Trainer:
             keep = v.step % self.cfg.zray.log_interval == 0 or v.step == self.max_steps
             self.losses.record(v.step, v.loss, keep)
             self._votes = v
-            if not self.engine.fp16_enabled():
-                _check_finite(v)
+            if not self.engine.fp16_enabled():  # fp16's loss scaling skips such steps itself
+                _check_finite(v, stop=not self.engine.skip_nonfinite)
         if values:
             self.metrics.logged(values[-1].loss, values[-1].grad_norm)
 
@@ -366,10 +369,12 @@ def build_model(spec: RunSpec, cfg: Config) -> nn.Module:
     return model
 
 
-def _check_finite(v: StepValues) -> None:
-    """Stop on a non-finite loss or gradient norm, on every rank at the same step (the values
-    are sums over ranks, the same everywhere): training on would spread it into the weights.
-    Collective when it raises (the ranks learn which of them saw it)."""
+def _check_finite(v: StepValues, stop: bool) -> None:
+    """On a non-finite loss or gradient norm: stop (`stop`), on every rank at the same step (the
+    values are sums over ranks, the same everywhere), since training on would spread it into
+    the weights; else warn: the engine skipped that update (zray.skip_nonfinite_steps or
+    bf16.check_grad_overflow). Collective when the values are non-finite (the ranks learn which
+    of them saw it)."""
     import torch.distributed as dist
 
     if math.isfinite(v.loss) and (v.grad_norm is None or math.isfinite(v.grad_norm)):
@@ -380,7 +385,11 @@ def _check_finite(v: StepValues) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         flags = [False] * dist.get_world_size()
         dist.all_gather_object(flags, mine)
-    raise NonFiniteError(v.step, what, [r for r, bad in enumerate(flags) if bad], float(value))
+    ranks = [r for r, bad in enumerate(flags) if bad]
+    if stop:
+        raise NonFiniteError(v.step, what, ranks, float(value))
+    where = f"rank(s) {ranks}" if ranks else "the sum over ranks"
+    log.warning("step %d: the %s is %s on %s; update skipped", v.step, what, value, where)
 
 
 def _host_budget() -> int | None:

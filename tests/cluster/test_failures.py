@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,33 @@ def test_a_nan_loss_stops_the_run_at_its_step_without_a_restart(
     newest = latest_valid(tmp_path)
     assert newest is not None and int(newest.name[5:]) == (nan_step - 1) // 4 * 4
     reader = CheckpointReader(newest)
+    for name, shape in reader.params().items():
+        assert torch.isfinite(reader.read(name, 0, int(torch.Size(shape).numel()))).all(), name
+
+
+def test_with_the_switch_a_nan_step_is_skipped_and_the_run_goes_on(
+    parquet_tokens: Path, tmp_path: Path
+) -> None:
+    """zray.skip_nonfinite_steps: the NaN step's update is skipped on every rank, nothing
+    restarts, the run trains to the end and its checkpoints hold finite weights."""
+    cfg = _runs.config(
+        2, steps=20, num_workers=2, checkpoint_interval=4, max_failures=2, skip_nonfinite_steps=True
+    )
+    run = zray.fit(
+        config=cfg,
+        data=str(parquet_tokens),
+        checkpoint_dir=str(tmp_path),
+        loss=functools.partial(loss_nan_at, step=10, rank=1),
+        progress=False,
+    )
+    assert run.steps == 20 and run.restarts == 0, run.decisions
+    losses = dict(run.losses)
+    assert math.isnan(losses[10])
+    assert all(math.isfinite(v) for s, v in losses.items() if s != 10), losses
+    newest = latest_valid(tmp_path)
+    assert newest is not None and newest.name == "step_00000020"
+    reader = CheckpointReader(newest)
+    assert reader.global_state()["engine"]["skipped_steps"] == 1
     for name, shape in reader.params().items():
         assert torch.isfinite(reader.read(name, 0, int(torch.Size(shape).numel()))).all(), name
 

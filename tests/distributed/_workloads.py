@@ -193,6 +193,36 @@ def fp16_overflow(overflow_steps: tuple[int, ...], bad_rank: int) -> dict[str, A
     }
 
 
+def skip_nonfinite(
+    precision: str, nan_steps: tuple[int, ...], bad_rank: int, left_out: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """Stage 2 with non-finite updates skipped (fp32: zray.skip_nonfinite_steps; bf16:
+    DeepSpeed's bf16.check_grad_overflow). `bad_rank`'s loss is NaN on `nan_steps`; the global
+    batches of `left_out` are not fed at all (the reference for a skipped one)."""
+    ctx = zray.init_distributed()
+    cfg = ds_config(2, ctx.dp_size)
+    del cfg["scheduler"]  # a constant lr: a skipped step must leave nothing behind
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    else:
+        cfg["zray"] = {"skip_nonfinite_steps": True}
+    engine, *_ = zray.initialize(model=fresh_model(), config=cfg)
+    tokens = data()
+    skipped, unchanged = [], []
+    for step in [s for s in range(STEPS) if s not in left_out]:
+        before = engine.consolidated_state_dict()
+        for micro in range(GAS):
+            loss = engine(**micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size, ctx.device))
+            if step in nan_steps and ctx.dp_rank == bad_rank and micro == 0:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()
+        after = engine.consolidated_state_dict()
+        unchanged.append(all(torch.equal(before[k], after[k]) for k in before))
+        skipped.append(engine.skipped_steps)
+    return {"skipped": skipped, "unchanged": unchanged, "state": engine.consolidated_state_dict()}
+
+
 def deepcopy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return copy.deepcopy(state)
 

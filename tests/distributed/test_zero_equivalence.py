@@ -65,6 +65,23 @@ def test_bf16_stage3_close_to_stage0() -> None:
     assert results[0][3]["losses"][-1] < results[0][3]["losses"][0]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_skipped_nonfinite_step_leaves_the_run_as_if_its_batch_never_came(
+    precision: str,
+) -> None:
+    """With the switch (fp32: zray.skip_nonfinite_steps; bf16: bf16.check_grad_overflow), a NaN
+    loss on rank 1 alone makes both ranks skip that update: weights and optimizer state as if
+    the batch had never been fed, compared bit for bit with a run that leaves it out."""
+    hit = launch_local(w.skip_nonfinite, 2, precision, (1,), 1)
+    reference = launch_local(w.skip_nonfinite, 2, precision, (), 1, (1,))
+    for r, ref in zip(hit, reference, strict=True):
+        assert r["skipped"] == [0, 1, 1, 1, 1]
+        assert r["unchanged"] == [False, True, False, False, False]
+        assert ref["skipped"] == [0, 0, 0, 0]
+        for k, v in ref["state"].items():
+            assert torch.equal(r["state"][k], v), k
+
+
 def test_fp16_overflow_skips_on_every_rank_with_hysteresis() -> None:
     """An inf on rank 1 alone makes both ranks skip; hysteresis 2 halves the scale only on the
     second overflow (DeepSpeed's rule)."""

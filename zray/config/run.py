@@ -167,6 +167,11 @@ class RunConfig(Section):
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = field(default=9464, metadata=meta(ge=0, le=65535))
     metrics_dir: str | None = None  # JSONL log per run (default: checkpoint_dir, else none)
+    # A step whose loss or gradient norm is inf or NaN stops the run (bf16 and fp32; fp16's loss
+    # scaling skips such steps itself). True skips the update instead, in any precision, the
+    # way bf16.check_grad_overflow does in DeepSpeed (one host sync per step), and the run
+    # goes on from the weights before that batch.
+    skip_nonfinite_steps: bool = False
     # Elastic runs. The controller looks for capacity to grow into every `scale_interval_s`
     # (Ray Train looks once a minute; a few seconds keeps a new node from idling). Every
     # `replica_interval` steps (or as soon after as the last copy is done: the interval

@@ -168,6 +168,10 @@ class BF16Config(Section):
     _path: ClassVar[str] = "bf16"
 
     enabled: bool = False
+    # As in DeepSpeed: true skips an update whose gradients hold inf or NaN (as fp16's loss
+    # scaling does) instead of applying it. Costs a host sync per step. zray.fit stops a run on
+    # a non-finite loss or gradient norm unless this (or zray.skip_nonfinite_steps) is set.
+    check_grad_overflow: bool = False
 
 
 @dataclass(frozen=True)
