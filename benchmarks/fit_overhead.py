@@ -13,6 +13,8 @@ of warm-up and at the end. fit: `zray.fit` on an embedded Ray cluster with that 
 its steady-state rate comes from rank 0's `FitResult.step_times` (when each step's values came
 back from the device) over the same steps. Each `--replica` value is one fit run
 (`default` leaves zray.replica_interval unset); the achieved copy interval is reported.
+`--trainer` adds a third way: fit's training loop (`zray.trainer.Trainer`) under zray.launch,
+without Ray and without state copies, to tell the loop's cost from the Ray actor's.
 
 Prints a table (tokens/s of both, the ratio, the copy interval; medians over --repeats
 interleaved rounds) and writes JSON (--out).
@@ -137,6 +139,45 @@ def run_engine(args: argparse.Namespace, data: str) -> dict[str, Any]:
         return out
 
 
+# ---- the Trainer without Ray (zray.launch) ------------------------------------------------------
+
+
+def run_trainer(args: argparse.Namespace, data: str) -> dict[str, Any]:
+    """fit's training loop (zray.trainer.Trainer) under `python -m zray.launch`, no Ray: what the
+    loop costs, apart from what running it inside a Ray actor costs. No state copies (they need
+    a holder, which only the Ray runtime provides)."""
+    cfg = ds_config(args)
+    cfg["zray"] = {
+        "model": "zray.models.gpt:build",
+        "model_kwargs": model_kwargs(args),
+        "data": data,
+        "num_workers": args.workers,
+        "use_gpu": args.device == "cuda",
+        "max_steps": args.steps,
+        "replica_interval": 0,
+    }
+    trainer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "zray", "trainer.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "run.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        env = dict(os.environ)
+        if args.device == "cpu":
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        cmd = [sys.executable, "-m", "zray.launch", "--nproc", str(args.workers), trainer, path]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    times = [tuple(x) for x in result["step_times"]]
+    kept = [(s, t) for s, t in times if s >= times[0][0] + args.warmup]
+    (s0, t0_), (s1, t1) = kept[0], kept[-1]
+    return {
+        "tokens_per_s": (s1 - s0) * tokens_per_step(args) / (t1 - t0_),
+        "wall_s": time.perf_counter() - t0,
+        "step_times": times,
+    }
+
+
 # ---- zray.fit --------------------------------------------------------------------------------
 
 
@@ -187,6 +228,9 @@ def main() -> None:
     p.add_argument("--replica", nargs="+", default=["default"], help="default, 0, 1, ...")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of all runs")
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument(
+        "--trainer", action="store_true", help="also fit's loop without Ray (zray.launch)"
+    )
     p.add_argument("--out", default="")
     p.add_argument("--as-engine-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", default="", help=argparse.SUPPRESS)
@@ -206,12 +250,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "tokens.parquet")
         write_parquet(lm_tokens_table(synthetic_tokens(samples, args.seq, vocab, seed=1)), data)
-        rows: dict[str, Any] = {"args": vars(args), "fit": [], "engines": []}
+        rows: dict[str, Any] = {"args": vars(args), "fit": [], "engines": [], "trainers": []}
         # Interleaved, so that a machine that drifts (a noisy neighbour, clocks) drifts for
         # every run alike; the table shows each run's median over the repeats.
         for _ in range(args.repeats):
             if not args.skip_engine:
                 rows["engines"].append(run_engine(args, data))
+            if args.trainer:
+                rows["trainers"].append(run_trainer(args, data))
             for replica in args.replica:
                 rows["fit"].append(run_fit(args, data, replica))
         if rows["engines"]:
@@ -228,6 +274,9 @@ def main() -> None:
     )
     print(f"{'run':<22} {'tokens/s':>12} {'x engine':>9} {'copy interval':>14}")
     print(f"{'engine':<22} {engine_rate:>12,.0f} {1.0:>9.3f} {'-':>14}")
+    if rows["trainers"]:
+        rate = statistics.median(r["tokens_per_s"] for r in rows["trainers"])
+        print(f"{'trainer, no Ray':<22} {rate:>12,.0f} {rate / engine_rate:>9.3f} {'-':>14}")
     for replica in args.replica:
         runs = [r for r in rows["fit"] if r["replica"] == replica]
         rate = statistics.median(r["tokens_per_s"] for r in runs)
@@ -238,6 +287,9 @@ def main() -> None:
     if args.repeats > 1:
         each = [f"{e['tokens_per_s']:,.0f}" for e in rows["engines"]]
         print(f"each engine run: {', '.join(each)}")
+        if rows["trainers"]:
+            each = [f"{e['tokens_per_s']:,.0f}" for e in rows["trainers"]]
+            print(f"each trainer run: {', '.join(each)}")
         for replica in args.replica:
             each = [f"{r['tokens_per_s']:,.0f}" for r in rows["fit"] if r["replica"] == replica]
             print(f"each fit replica={replica} run: {', '.join(each)}")

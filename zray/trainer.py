@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(spec, env)
     outcome = trainer.train()
     if env.rank == 0:
-        print(json.dumps({"steps": outcome.steps, "losses": outcome.losses}))
+        summary = {"steps": outcome.steps, "losses": outcome.losses}
+        print(json.dumps({**summary, "step_times": outcome.step_times}))
     return 0
 
 

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypeVar, Union
 
-from zray.config.ignored import IGNORED_KEYS
+from zray.config.ignored import DECIDED_KEYS, IGNORED_KEYS
 from zray.errors import NOT_GIVEN, ConfigError, ZrayConfigWarning
 
 # Hugging Face's Trainer writes "auto" wherever it fills a value in itself; zray reads it as
@@ -286,12 +286,28 @@ def build(cls: type[S], raw: Any) -> S:
             )
         warn_once(join(cls._path, alias), f"deprecated spelling; write {join(cls._path, name)}")
         kwargs[name] = kwargs.pop(alias)
+    _warn_decided(cls._path, kwargs, fields)
     for f in fields.values():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in kwargs:
             key = f.metadata.get("key") or join(cls._path, f.name)
             raise ConfigError(key, NOT_GIVEN, cls._allowed(f.name), cls._missing(f.name))
     return cls(**kwargs)
+
+
+def _warn_decided(
+    path: str, given: Mapping[str, Any], fields: Mapping[str, dataclasses.Field[Any]]
+) -> None:
+    """Warn once about each key zray decides itself (DECIDED_KEYS) that is set to something
+    other than DeepSpeed's default: the setting changes nothing in zray."""
+    for name, value in given.items():
+        key = join(path, name)
+        if key not in DECIDED_KEYS or (isinstance(value, str) and value == AUTO):
+            continue
+        default = fields[name].default
+        if value is None or (default is not dataclasses.MISSING and value == default):
+            continue
+        warn_once(key, f"accepted, but zray decides this itself: {DECIDED_KEYS[key]}")
 
 
 _HINTS: dict[type, dict[str, Any]] = {}

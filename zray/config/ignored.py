@@ -44,7 +44,7 @@ IGNORED_KEYS: dict[str, str] = {
     "nebula": "zray has its own checkpoint format",
     "compile": "not implemented by zray",
     "hybrid_engine": "not implemented by zray",
-    "torch_autocast": "use fp16.auto_cast or bf16",
+    "torch_autocast": "use fp16 or bf16 (zray casts the model itself)",
     "use_data_before_expert_parallelism": "mixture-of-experts is not implemented by zray",
     "optimizer.legacy_fusion": "zray has no legacy fused optimizer",
     "fp16.fused_mode": "zray has one fp16 path",
@@ -92,4 +92,49 @@ IGNORED_KEYS: dict[str, str] = {
     "tensor_parallel.preset_model": "zray's tensor slicing plan is a later feature",
     "tensor_parallel.keep_module_on_host": "not implemented by zray",
     "tensor_parallel.replace_with_kernel_inject": "inference kernels are not part of zray",
+}
+
+# DeepSpeed keys zray reads and checks but decides itself: dotted key path -> what zray does
+# instead. Set to a value other than DeepSpeed's default, each is warned about once per process:
+# the value changes nothing in zray. (A key that changes numerics or memory in DeepSpeed belongs
+# here only until zray implements it.)
+DECIDED_KEYS: dict[str, str] = {
+    "prescale_gradients": "zray sums gradients in the reduce dtype and divides once, after the sum",
+    "gradient_predivide_factor": "zray divides once, after the sum",
+    "fp16.auto_cast": "zray casts the model's parameters to fp16; it does not run under autocast",
+    "zero_optimization.overlap_comm": (
+        "zray reduces gradients during backward at stages 2-3 and at the step at stages 0-1"
+    ),
+    "zero_optimization.contiguous_gradients": "zray's gradients always live in flat buffers",
+    "zero_optimization.reduce_scatter": (
+        "zray reduce-scatters at stages 1-3 where a rank owns a shard, all-reduces at stage 0"
+    ),
+    "zero_optimization.allgather_partitions": "zray all-gathers flat partitions",
+    "zero_optimization.allgather_bucket_size": (
+        "zray all-gathers whole units: buckets of reduce_bucket_size at stages 1-2, modules at 3"
+    ),
+    "zero_optimization.round_robin_gradients": "zray gives each rank one contiguous shard",
+    "zero_optimization.sub_group_size": "zray steps each unit's shard as one tensor",
+    "zero_optimization.stage3_max_live_parameters": (
+        "zray frees each gathered unit after use; stage3_prefetch_bucket_size bounds the prefetch"
+    ),
+    "zero_optimization.stage3_max_reuse_distance": (
+        "zray frees each gathered unit after use; stage3_prefetch_bucket_size bounds the prefetch"
+    ),
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": (
+        "zray saves sharded fp32 checkpoints; 'zray checkpoint consolidate' writes whole weights"
+    ),
+    "zero_optimization.offload_optimizer.ratio": "zray offloads all of the optimizer state",
+    "zero_optimization.offload_optimizer.buffer_count": "zray sizes its offload buffers itself",
+    "zero_optimization.offload_optimizer.pipeline_read": "zray has no NVMe tier to pipeline",
+    "zero_optimization.offload_optimizer.pipeline_write": "zray has no NVMe tier to pipeline",
+    "zero_optimization.offload_optimizer.fast_init": "zray has no NVMe tier",
+    "zero_optimization.offload_optimizer.nvme_path": "zray has no NVMe tier",
+    "zero_optimization.offload_param.nvme_path": "zray has no NVMe tier",
+    "zero_optimization.offload_param.buffer_count": "zray sizes its offload buffers itself",
+    "zero_optimization.offload_param.buffer_size": "zray sizes its offload buffers itself",
+    "zero_optimization.offload_param.max_in_cpu": "zray keeps every offloaded parameter on the host",
+    "elasticity.min_time": "zray resizes whenever capacity changes (zray.scale_interval_s)",
+    "flops_profiler.top_modules": "zray's table lists every module",
+    "flops_profiler.detailed": "zray's table has one level of detail",
 }
