@@ -438,21 +438,28 @@ def offload_all_stages() -> dict[int, dict[str, Any]]:
 
 
 def capture_after_training(stage: int) -> dict[str, Any]:
-    """Train 3 steps, then return this rank's in-memory snapshot and the full state."""
+    """Train 3 steps, return this rank's in-memory snapshot and the full state, then the full
+    state after a 4th step (what a restored engine's 4th step must reproduce)."""
     from zray.checkpoint.engine_state import capture
 
     ctx = zray.init_distributed()
     engine, *_ = zray.initialize(model=fresh_model(), config=ds_config(stage, ctx.dp_size))
     tokens = data()
-    for step in range(3):
+
+    def train_step(step: int) -> None:
         for micro in range(GAS):
             batch = micro_batch(tokens, step, micro, ctx.dp_rank, ctx.dp_size, ctx.device)
             engine.backward(engine(**batch))
             engine.step()
-    return {
+
+    for step in range(3):
+        train_step(step)
+    out = {
         "shard": capture(engine, sampler={"consumed_samples": 48, "seed": 0}),
         "state": engine.consolidated_state_dict(),
     }
+    train_step(3)
+    return {**out, "after_next_step": engine.consolidated_state_dict()}
 
 
 def stage3_gather_modes() -> dict[str, Any]:
