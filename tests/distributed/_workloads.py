@@ -470,6 +470,10 @@ def stage3_gather_modes() -> dict[str, Any]:
     for mode in ("nccl", "auto"):
         zero = {**ds_config(3, 2)["zero_optimization"], "stage3_gather": mode}
         out[mode] = train(3, bf16={"enabled": True}, zero_optimization=zero)["losses"]
+        engine, *_ = zray.initialize(
+            model=fresh_model(), config=ds_config(3, 2, zero_optimization=zero)
+        )
+        out[f"{mode}_peer_gather"] = engine.zero.peer_gather is not None
     zero = {**ds_config(3, 2)["zero_optimization"], "stage3_gather": "peer_copy"}
     try:
         zray.initialize(model=fresh_model(), config=ds_config(3, 2, zero_optimization=zero))

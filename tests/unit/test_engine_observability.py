@@ -45,7 +45,13 @@ def test_breakdown_and_profile_from_config(tmp_path: Path) -> None:
     assert all(v > 0 for v in engine.last_breakdown.values())
     text = out.read_text()
     assert "(Block)" in text and "lm_head (Linear)" in text and "fc (Linear)" in text
-    # The profiled micro-step's FLOPs equal torch's own count of the same forward + backward.
+    # The profiled micro-step's FLOPs, counted by hand: every Linear does 2 FLOPs per weight per
+    # token forward and 4 backward; CPU attention counts 0 (as in torch's counter). An
+    # independent check: the profiler is built on FlopCounterMode, compared with it below.
+    tokens, d = 4 * CFG.seq_len, CFG.d_model
+    linears = CFG.n_layer * 12 * d * d + d * CFG.vocab_size
+    assert engine.last_profile.total_flops == 6 * tokens * linears
+    # And torch's own count of the same forward + backward.
     torch.manual_seed(0)
     ref = GPT(CFG)
     with FlopCounterMode(display=False) as counter:
