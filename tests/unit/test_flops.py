@@ -95,9 +95,13 @@ def test_mfu_and_tflops_agree_with_a_hand_count() -> None:
     hand_tokens_per_s = 512 / 0.25  # 2048
     hand_tflops = 797_184 * hand_tokens_per_s / 1e12
     hand_mfu = hand_tflops / 100.0
-    assert got.tokens_per_second == pytest.approx(hand_tokens_per_s, rel=1e-2)
-    assert got.tflops == pytest.approx(hand_tflops, rel=1e-2)
-    assert got.mfu == pytest.approx(hand_mfu, rel=1e-2)
+    assert got.tokens_per_second == pytest.approx(
+        hand_tokens_per_s, rel=1e-12
+    )  # exact arithmetic: float rounding only
+    assert got.tflops == pytest.approx(
+        hand_tflops, rel=1e-12
+    )  # exact arithmetic: float rounding only
+    assert got.mfu == pytest.approx(hand_mfu, rel=1e-12)  # exact arithmetic: float rounding only
 
 
 def test_meter_mean_over_steps_and_metric_names() -> None:
