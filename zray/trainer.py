@@ -131,7 +131,7 @@ class Trainer:
         self.spec, self.env, self.attempt, self.resume = spec, env, attempt, resume
         self.rank, self.world = env.rank, env.world_size
         self.send_copy = send_copy
-        self.cfg = Config.from_dict(spec.config)
+        self.cfg = Config.reread(spec.config)  # the driver showed its warnings
         self.max_steps = self.cfg.zray.max_steps or 100
         self.losses = LossLog()  # (step, global mean loss), the resumed history first
         self.steps_done = 0

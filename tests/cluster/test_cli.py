@@ -36,6 +36,9 @@ def test_fit_demo_config_trains(tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and summary["steps"] == 30
     assert summary["final_loss"] < 3.0  # from ~5.5 (uniform over 256)
     assert (tmp_path / "ckpt" / "step_00000030" / "COMMITTED").exists()
+    # The demo sets no key zray warns about: the workers, which read the driver's to_dict()
+    # (every key written), must not warn either.
+    assert "ZrayConfigWarning" not in out.stderr, out.stderr[-3000:]
 
 
 def test_report_lists_kernels() -> None:

@@ -143,3 +143,17 @@ def _other_value(default: object) -> object:
     if default is None:
         return "/nvme"  # the other None defaults among them are paths
     raise AssertionError(f"no other value for {default!r}")
+
+
+def test_a_config_sent_to_workers_is_reread_without_repeating_warnings() -> None:
+    """to_dict() writes every key, resolved; read again with from_dict it would warn about
+    decided keys the user never set (overlap_comm resolved from the stage): workers use reread."""
+    sent = Config.from_dict({"zero_optimization": {"stage": 2}}).to_dict()
+    config_fields._WARNED_KEYS.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        again = Config.reread(sent)
+    assert [w for w in record if issubclass(w.category, ZrayConfigWarning)] == []
+    assert again == Config.from_dict({"zero_optimization": {"stage": 2}})
+    with pytest.warns(ZrayConfigWarning, match="zero_optimization.overlap_comm"):
+        Config.from_dict(sent)  # what the workers did before

@@ -45,7 +45,7 @@ class ControllerActor:
     ) -> None:
         from zray.config.batch import config_for_world, plan_run
 
-        cfg = Config.from_dict(spec.config)
+        cfg = Config.reread(spec.config)  # the driver showed its warnings
         run = cfg.zray
         plans, skipped = plan_run(cfg)
         for world, why in sorted(skipped.items()):

@@ -13,6 +13,7 @@ a did-you-mean suggestion.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -21,7 +22,7 @@ import sys
 import types
 import typing
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar, Union
 
 from zray.config.ignored import DECIDED_KEYS, IGNORED_KEYS
@@ -41,9 +42,25 @@ S = TypeVar("S", bound="Section")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+# Depth of `rereading()` blocks: a config read again (not the user's text) warns about nothing.
+_REREADING = 0
+
+
+@contextlib.contextmanager
+def rereading() -> Iterator[None]:
+    """Read a config that was already read and reported on elsewhere: `warn_once` stays silent
+    and remembers nothing (a later read of the user's own text still warns)."""
+    global _REREADING
+    _REREADING += 1
+    try:
+        yield
+    finally:
+        _REREADING -= 1
+
+
 def warn_once(key: str, message: str) -> None:
     """Warn `key: message` with ZrayConfigWarning, at most once per key per process."""
-    if key in _WARNED_KEYS:
+    if key in _WARNED_KEYS or _REREADING:
         return
     _WARNED_KEYS.add(key)
     warnings.warn(f"{key}: {message}", ZrayConfigWarning, stacklevel=_caller_stacklevel())

@@ -15,7 +15,15 @@ from typing import Any, ClassVar
 import torch
 
 from zray.config.batch import BatchSizes, plan_sizes
-from zray.config.fields import IGNORED_KEYS, Section, build, coerce, meta, warn_once
+from zray.config.fields import (
+    IGNORED_KEYS,
+    Section,
+    build,
+    coerce,
+    meta,
+    rereading,
+    warn_once,
+)
 from zray.config.run import ElasticityConfig, RunConfig
 from zray.config.sections import (
     ActivationCheckpointingConfig,
@@ -87,6 +95,15 @@ class Config(Section):
         # so that values derived from an overridden key follow it.
         object.__setattr__(cfg, "_source", copy.deepcopy(dict(d)))
         return cfg
+
+    @classmethod
+    def reread(cls, d: Mapping[str, Any]) -> Config:
+        """`from_dict` of a config already read and reported on elsewhere (the `to_dict()` the
+        driver sends its controller and workers): the same checks, without repeating its
+        warnings. `to_dict` writes every key, so a key zray decides itself would otherwise be
+        warned about on every worker though the user never set it."""
+        with rereading():
+            return cls.from_dict(d)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Config:
