@@ -50,7 +50,12 @@ def _command(pid: int | None) -> str:
         return "?"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+            line = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+        if line:
+            return line
+        # A process on its way out has an empty command line (CI saw one); its name remains.
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() or "?"
     except OSError:
         return "?"
 

@@ -303,7 +303,7 @@ def build(cls: type[S], raw: Any) -> S:
             )
         warn_once(join(cls._path, alias), f"deprecated spelling; write {join(cls._path, name)}")
         kwargs[name] = kwargs.pop(alias)
-    _warn_decided(cls._path, kwargs, fields)
+    _warn_decided(cls, kwargs)
     for f in fields.values():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in kwargs:
@@ -312,16 +312,14 @@ def build(cls: type[S], raw: Any) -> S:
     return cls(**kwargs)
 
 
-def _warn_decided(
-    path: str, given: Mapping[str, Any], fields: Mapping[str, dataclasses.Field[Any]]
-) -> None:
+def _warn_decided(cls: type[Section], given: Mapping[str, Any]) -> None:
     """Warn once about each key zray decides itself (DECIDED_KEYS) that is set to something
     other than DeepSpeed's default: the setting changes nothing in zray."""
     for name, value in given.items():
-        key = join(path, name)
+        key = join(cls._path, name)
         if key not in DECIDED_KEYS or (isinstance(value, str) and value == AUTO):
             continue
-        default = fields[name].default
+        default = cls._deepspeed_default(name, given)
         if value is None or (default is not dataclasses.MISSING and value == default):
             continue
         warn_once(key, f"accepted, but zray decides this itself: {DECIDED_KEYS[key]}")
@@ -398,6 +396,13 @@ class Section:
 
     def _check(self) -> None:
         """Rules across fields; runs after every field is coerced and in range."""
+
+    @classmethod
+    def _deepspeed_default(cls, name: str, given: Mapping[str, Any]) -> Any:
+        """What DeepSpeed uses for field `name` when it is not written (the other keys given
+        are `given`); the field's default unless a section says otherwise."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
+        return f.default
 
     @classmethod
     def _missing(cls, name: str) -> str:

@@ -7,6 +7,7 @@ Field names and defaults are DeepSpeed's; constraints sit beside each field in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -319,6 +320,12 @@ class ZeroConfig(Section):
                 if isinstance(raw.get(section), dict):
                     raw[section] = {"pin_memory": pin, **raw[section]}
         return raw
+
+    @classmethod
+    def _deepspeed_default(cls, name: str, given: Mapping[str, Any]) -> Any:
+        if name == "overlap_comm":  # on at stage 3, off otherwise
+            return given.get("stage", 0) == 3
+        return super()._deepspeed_default(name, given)
 
     def _check(self) -> None:
         if self.overlap_comm is None:
