@@ -375,6 +375,15 @@ MALFORMED: list[tuple[str, dict[str, Any], str, list[str]]] = [
      "scheduler.params.warmup_num_step", ["got 5", "did you mean 'warmup_num_steps'?"]),
     ("scheduler-warmup-type", {"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cos"}}},
      "scheduler.params.warmup_type", ["got 'cos'", "one of log, linear"]),
+    ("cosine-total-within-warmup",
+     {"scheduler": {"type": "WarmupCosineLR",
+                    "params": {"total_num_steps": 5, "warmup_num_steps": 10}}},
+     "scheduler.params.total_num_steps", ["got 5", "> warmup_num_steps (10)"]),
+    ("cosine-auto-total-within-warmup",
+     {"scheduler": {"type": "WarmupCosineLR",
+                    "params": {"total_num_steps": "auto", "warmup_num_steps": 10}},
+      "zray": {"max_steps": 6}},
+     "scheduler.params.total_num_steps", ["got 6", "zray.max_steps"]),
     ("scheduler-type", {"scheduler": {"type": "Cosine"}},
      "scheduler.type", ["got 'Cosine'", "WarmupCosineLR"]),
     ("bool-as-yes", {"fp16": {"enabled": "yes"}},
@@ -622,13 +631,20 @@ def test_scheduler_defaults_filled_and_auto_resolved() -> None:
     assert one_cycle.params["cycle_first_step_size"] == 2000
     assert one_cycle.params["cycle_second_step_size"] is None
     assert one_cycle.params["cycle_momentum"] is True
-    cosine = SchedulerConfig(type="WarmupCosineLR", params={"total_num_steps": 10})
+    cosine = SchedulerConfig(
+        type="WarmupCosineLR", params={"total_num_steps": 10, "warmup_num_steps": 5}
+    )
     assert cosine.params["cos_min_ratio"] == 0.0001 and cosine.params["warmup_min_ratio"] == 0.0
 
 
 def test_scheduler_total_steps_auto_without_max_steps_is_deferred() -> None:
     cfg = Config.from_dict(
-        {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto"}}}
+        {
+            "scheduler": {
+                "type": "WarmupCosineLR",
+                "params": {"total_num_steps": "auto", "warmup_num_steps": 5},
+            }
+        }
     )
     assert cfg.scheduler is not None and cfg.scheduler.params["total_num_steps"] is None
     with pytest.raises(ConfigError, match=r"scheduler\.params\.total_num_steps: .*zray\.max_steps"):
@@ -898,7 +914,10 @@ def test_overriding_max_steps_moves_an_auto_schedule(tmp_path: Path) -> None:
     max_steps; a number written in the file stays."""
     raw = {
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto"}},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": "auto", "warmup_num_steps": 5},
+        },
         "zray": {"max_steps": 100},
     }
     path = tmp_path / "run.json"
@@ -909,7 +928,8 @@ def test_overriding_max_steps_moves_an_auto_schedule(tmp_path: Path) -> None:
         assert (
             cfg.scheduler is not None and cfg.scheduler.resolved_params()["total_num_steps"] == 30
         )
-    fixed = {**raw, "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 80}}}
+    params = {"total_num_steps": 80, "warmup_num_steps": 5}
+    fixed = {**raw, "scheduler": {"type": "WarmupCosineLR", "params": params}}
     cfg = Config.load(fixed, zray={"max_steps": 30})
     assert cfg.scheduler is not None and cfg.scheduler.resolved_params()["total_num_steps"] == 80
     assert Config.load(raw).zray.max_steps == 100  # no override: as written

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from zray import schedulers as _schedules
 from zray.config.fields import Section, meta
+from zray.errors import ConfigError
 
 # Learning rates and momenta may be one number or one per param group, as in DeepSpeed.
 PerGroup = float | tuple[float, ...]
@@ -121,6 +122,18 @@ class WarmupCosineLRParams(ScheduleParams):
     warmup_num_steps: int = _warmupcosinelr("warmup_num_steps", gt=0)
     cos_min_ratio: float = _warmupcosinelr("cos_min_ratio", ge=0, le=1)
     warmup_type: str = _warmupcosinelr("warmup_type", choices=("log", "linear"))
+
+    def _check(self) -> None:
+        # The schedule refuses this when built (on every worker); say so at load instead.
+        warmup = max(2, self.warmup_num_steps)  # DeepSpeed's minimum
+        if self.total_num_steps is not None and self.total_num_steps <= warmup:
+            raise ConfigError(
+                "scheduler.params.total_num_steps",
+                self.total_num_steps,
+                f"an integer > warmup_num_steps ({warmup})",
+                "WarmupCosineLR's warmup must end before the schedule does (with 'auto' the "
+                "total is zray.max_steps)",
+            )
 
 
 SCHEDULER_TYPES: dict[str, type[ScheduleParams]] = {
