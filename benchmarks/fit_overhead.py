@@ -15,6 +15,9 @@ back from the device) over the same steps. Each `--replica` value is one fit run
 (`default` leaves zray.replica_interval unset); the achieved copy interval is reported.
 `--trainer` adds a third way: fit's training loop (`zray.trainer.Trainer`) under zray.launch,
 without Ray and without state copies, to tell the loop's cost from the Ray actor's.
+`--engine-delays-ms 0 2 5` runs the engine again with the host sleeping that long after each
+step: if the rate does not fall, the device is the bottleneck and host work between steps is
+free; if it does, the engine is host-bound and every millisecond fit adds per step costs.
 
 Prints a table (tokens/s of both, the ratio, the copy interval; medians over --repeats
 interleaved rounds) and writes JSON (--out).
@@ -67,6 +70,7 @@ def tokens_per_step(args: argparse.Namespace) -> int:
 def engine_worker(args: argparse.Namespace) -> None:
     import zray
     from zray.data import GlobalBatchSampler, RankBatches, as_source
+    from zray.data.collate import collate_for
     from zray.models.gpt import build
 
     ctx = zray.init_distributed(backend="nccl" if args.device == "cuda" else "gloo")
@@ -78,7 +82,10 @@ def engine_worker(args: argparse.Namespace) -> None:
     b = engine.batch
     source = as_source(args.data)
     sampler = GlobalBatchSampler(len(source), b.train_batch_size, seed=0)
-    rows = RankBatches(source, sampler, ctx.dp_rank, ctx.dp_size, b.micro_batch_per_gpu, 1, "cpu")
+    collate = collate_for(model, source.columns)  # labels = input_ids, as fit derives them
+    rows = RankBatches(
+        source, sampler, ctx.dp_rank, ctx.dp_size, b.micro_batch_per_gpu, 1, "cpu", collate
+    )
     # Every micro-batch on the device before timing: the engine's speed without any data cost.
     batches = [{k: v.to(ctx.device) for k, v in next(rows).items()} for _ in range(args.steps)]
     it = iter(batches)
@@ -95,6 +102,8 @@ def engine_worker(args: argparse.Namespace) -> None:
     loss = None
     for step in range(1, args.steps + 1):
         loss = engine.train_batch(it)
+        if args.host_delay_ms:
+            time.sleep(args.host_delay_ms / 1000)
         if step == args.warmup:
             sync()
             t_warm = time.perf_counter()
@@ -111,7 +120,7 @@ def engine_worker(args: argparse.Namespace) -> None:
             json.dump(out, f)
 
 
-def run_engine(args: argparse.Namespace, data: str) -> dict[str, Any]:
+def run_engine(args: argparse.Namespace, data: str, delay_ms: float = 0.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "engine.json")
         cmd = [
@@ -127,6 +136,8 @@ def run_engine(args: argparse.Namespace, data: str) -> dict[str, Any]:
             data,
             "--result",
             result,
+            "--host-delay-ms",
+            str(delay_ms),
         ]
         env = dict(os.environ)
         if args.device == "cpu":
@@ -136,6 +147,7 @@ def run_engine(args: argparse.Namespace, data: str) -> dict[str, Any]:
         with open(result) as f:
             out = json.load(f)
         out["wall_s"] = time.perf_counter() - t0
+        out["host_delay_ms"] = delay_ms
         return out
 
 
@@ -229,6 +241,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of all runs")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument(
+        "--engine-delays-ms",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="engine runs with the host sleeping this long after each step (0: the reference)",
+    )
+    p.add_argument("--host-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument(
         "--trainer", action="store_true", help="also fit's loop without Ray (zray.launch)"
     )
     p.add_argument("--out", default="")
@@ -255,15 +275,15 @@ def main() -> None:
         # every run alike; the table shows each run's median over the repeats.
         for _ in range(args.repeats):
             if not args.skip_engine:
-                rows["engines"].append(run_engine(args, data))
+                for delay in args.engine_delays_ms:
+                    rows["engines"].append(run_engine(args, data, delay))
             if args.trainer:
                 rows["trainers"].append(run_trainer(args, data))
             for replica in args.replica:
                 rows["fit"].append(run_fit(args, data, replica))
-        if rows["engines"]:
-            rows["engine"] = {
-                "tokens_per_s": statistics.median(e["tokens_per_s"] for e in rows["engines"])
-            }
+        plain = [e for e in rows["engines"] if not e["host_delay_ms"]]
+        if plain:
+            rows["engine"] = {"tokens_per_s": statistics.median(e["tokens_per_s"] for e in plain)}
     rows["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     rows["date"] = time.strftime("%Y-%m-%d")
     engine_rate = rows.get("engine", {}).get("tokens_per_s", float("nan"))
@@ -274,6 +294,11 @@ def main() -> None:
     )
     print(f"{'run':<22} {'tokens/s':>12} {'x engine':>9} {'copy interval':>14}")
     print(f"{'engine':<22} {engine_rate:>12,.0f} {1.0:>9.3f} {'-':>14}")
+    for delay in [d for d in args.engine_delays_ms if d]:
+        runs = [e for e in rows["engines"] if e["host_delay_ms"] == delay]
+        rate = statistics.median(e["tokens_per_s"] for e in runs)
+        name = f"engine +{delay:g} ms host"
+        print(f"{name:<22} {rate:>12,.0f} {rate / engine_rate:>9.3f} {'-':>14}")
     if rows["trainers"]:
         rate = statistics.median(r["tokens_per_s"] for r in rows["trainers"])
         print(f"{'trainer, no Ray':<22} {rate:>12,.0f} {rate / engine_rate:>9.3f} {'-':>14}")
@@ -285,7 +310,7 @@ def main() -> None:
         name = f"fit replica={replica}"
         print(f"{name:<22} {rate:>12,.0f} {rate / engine_rate:>9.3f} {interval:>14}")
     if args.repeats > 1:
-        each = [f"{e['tokens_per_s']:,.0f}" for e in rows["engines"]]
+        each = [f"{e['tokens_per_s']:,.0f}" for e in rows["engines"] if not e["host_delay_ms"]]
         print(f"each engine run: {', '.join(each)}")
         if rows["trainers"]:
             each = [f"{e['tokens_per_s']:,.0f}" for e in rows["trainers"]]

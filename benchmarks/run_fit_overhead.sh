@@ -7,7 +7,7 @@
 # CASES (space-separated) picks the runs; TESTS=0 skips the tests; REPLICA is passed to
 # --replica (default: "default 1": fit as configured, then with a copy forced every step);
 # REPEATS is passed to --repeats (interleaved rounds; medians reported); TRAINER=1 adds fit's
-# loop without Ray (--trainer).
+# loop without Ray (--trainer); DELAYS (e.g. "0 2 5") is passed to --engine-delays-ms.
 # Each case writes OUTDIR/fit_<size>_s<stage>.json; the tables go to stdout.
 set -u
 out=${1:?usage: run_fit_overhead.sh OUTDIR}
@@ -23,6 +23,6 @@ for c in $cases; do
   echo "=== $size seq $seq mb $mb stage $stage" >&2
   python3 "$here/fit_overhead.py" --device cuda --size "$size" --seq "$seq" --micro-batch "$mb" \
     --stage "$stage" --steps "${STEPS:-80}" --warmup "${WARMUP:-20}" \
-    --replica ${REPLICA:-default 1} --repeats "${REPEATS:-1}" ${TRAINER:+--trainer} --out "$out/fit_${size}_s${stage}.json" 2>&1 |
+    --replica ${REPLICA:-default 1} --repeats "${REPEATS:-1}" ${TRAINER:+--trainer} --engine-delays-ms ${DELAYS:-0} --out "$out/fit_${size}_s${stage}.json" 2>&1 |
     grep -v "^(\|^\[\|WARNING\|INFO" | tail -n 12
 done

@@ -469,6 +469,13 @@ def _breakdown_text(seconds: dict[str, float]) -> str:
 def extract_loss(out: Any) -> torch.Tensor:
     """The loss from a model's output: a tensor, a dict / ModelOutput with 'loss', or .loss."""
     if isinstance(out, torch.Tensor):
+        if out.numel() != 1:
+            raise ValueError(
+                f"model output: a tensor of shape {list(out.shape)}, not a scalar loss (logits? a "
+                "causal LM returns its loss when given labels: a 'labels' column, or 'input_ids' "
+                "alone for a model zray knows as a causal LM); allowed: a scalar loss tensor, a "
+                "dict or object with a 'loss' entry, or a tuple whose first item is the loss"
+            )
         return out
     if isinstance(out, dict) and "loss" in out:
         return out["loss"]

@@ -182,6 +182,7 @@ class Trainer:
     # ---- the steps of the recipe -------------------------------------------------------------
 
     def _setup(self) -> None:
+        from zray.data.collate import collate_for
         from zray.data.loader import RankBatches
         from zray.data.prefetch import Prefetcher
         from zray.data.sampler import GlobalBatchSampler
@@ -200,6 +201,7 @@ class Trainer:
         source = as_source(self.spec.data)
         # Counted on the whole model, before the engine slices or shards its tensors.
         flops_per_token = _flops_per_token(model, source)
+        collate = collate_for(model, source.columns)
         self.engine, *_ = initialize(model=model, config=self.cfg)
         ctx, b = self.engine.ctx, self.engine.batch
         sampler = GlobalBatchSampler(len(source), b.train_batch_size, seed=run.seed)
@@ -221,11 +223,12 @@ class Trainer:
             sampler.load_state_dict(position)
         rows = RankBatches(
             source, sampler, ctx.dp_rank, ctx.dp_size, b.micro_batch_per_gpu,
-            b.gradient_accumulation_steps, "cpu",
+            b.gradient_accumulation_steps, "cpu", collate,
         )  # fmt: skip
         self.data = Prefetcher(rows, ctx.device)
         self.batches = _CountTokens(self.data)
-        self.signals = StepSignals(ctx)
+        # EXPERIMENT (issue 14): how many steps the host may run ahead of the device.
+        self.signals = StepSignals(ctx, lag=int(os.environ.get("ZRAY_SIGNAL_LAG", "1")))
         self.rate = RateWindow(ctx.dp_size)
         self.step_times: list[tuple[int, float]] = []
         self._votes: StepValues | None = None  # the newest values read: they decide a step
@@ -254,10 +257,11 @@ class Trainer:
             data_wait_seconds_total=self.data.wait_seconds,
         )
         self._t_step, self._tokens_before = now, tokens
-        # The values of the step before (sums over all ranks): the votes they carry decide
-        # what happens after this step, on every rank alike.
-        self._read(self.signals.take(through=step - self.signals.lag))
-        votes = self._votes if self._votes is not None and self._votes.step == step - 1 else None
+        # The values of step - lag (sums over all ranks): the votes they carry decide what
+        # happens after this step, on every rank alike.
+        lag = self.signals.lag
+        self._read(self.signals.take(through=step - lag))
+        votes = self._votes if self._votes is not None and self._votes.step == step - lag else None
         last = step >= self.max_steps
         self._pausing = votes is not None and votes.pause and not last
         if votes is not None and votes.copy_ready and not (self._pausing or last):

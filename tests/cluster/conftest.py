@@ -20,7 +20,7 @@ def ray_cluster() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def parquet_tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Parquet file of learnable tokens (input_ids / labels columns)."""
+    """A Parquet file of learnable tokens (one input_ids column; labels are derived)."""
     from zray.data.sources import lm_tokens_table, write_parquet
     from zray.models.data import synthetic_tokens
 

@@ -14,6 +14,7 @@ from tests.cluster import _runs
 from zray.checkpoint.consolidate import consolidate
 from zray.checkpoint.format import CheckpointCorruptError
 from zray.checkpoint.reader import CheckpointReader, latest_valid
+from zray.data.collate import causal_lm_batch
 from zray.data.sampler import GlobalBatchSampler
 from zray.data.sources import as_source
 from zray.models.gpt import build
@@ -72,7 +73,7 @@ def test_consolidated_equals_single_process_training(parquet_tokens: Path, tmp_p
     sampler = GlobalBatchSampler(len(source), batch, seed=0)
     for _ in range(steps):
         opt.zero_grad()
-        model(**source.take(sampler.next_global_batch())).backward()
+        model(**causal_lm_batch(source.take(sampler.next_global_batch()))).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     want = dict(model.named_parameters())

@@ -159,3 +159,19 @@ def test_a_config_sent_to_workers_is_reread_without_repeating_warnings() -> None
     config_fields._WARNED_KEYS.clear()  # a worker is a process of its own
     with pytest.warns(ZrayConfigWarning, match="zero_optimization.overlap_comm"):
         Config.from_dict(sent)  # what each worker did before: the warning again
+
+
+def test_a_refused_config_gets_its_error_and_no_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warnings are held until the whole config is valid: partial optimizer offload at stage 2
+    is refused with one error, not a 'decided key' warning followed by the error (seen in the
+    newcomer run: two lines for one mistake). The same key at stage 3 still warns."""
+    monkeypatch.setattr(config_fields, "_WARNED_KEYS", set())
+    offload = {"device": "cpu", "ratio": 0.5}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(zray.errors.ConfigError, match=r"offload_optimizer\.ratio.*stage 3"):
+            Config.from_dict({"zero_optimization": {"stage": 2, "offload_optimizer": offload}})
+    assert [w for w in record if issubclass(w.category, ZrayConfigWarning)] == []
+    with pytest.warns(ZrayConfigWarning, match=r"offload_optimizer\.ratio: accepted") as got:
+        Config.from_dict({"zero_optimization": {"stage": 3, "offload_optimizer": offload}})
+    assert got[0].filename == __file__  # points at the caller, not at zray or contextlib

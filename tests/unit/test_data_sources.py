@@ -1,7 +1,6 @@
 """Tests for zray.data.sources: every input kind gives the same batches for the same indices.
 
-The reference is computed straight from the token tensor (``lm_batch`` semantics), not from
-another source, so a bug shared by all input kinds would still show. Ray is started once for
+The reference is computed straight from the token tensor, not from another source, so a bug shared by all input kinds would still show. Ray is started once for
 the module, and only if a Ray test runs (about 5 s on the dev machine).
 """
 
@@ -31,7 +30,7 @@ from zray.data import (
     lm_tokens_table,
     write_parquet,
 )
-from zray.models.data import lm_batch, synthetic_tokens
+from zray.models.data import synthetic_tokens
 
 N, T, V = 30, 8, 64
 # Any order, with a repeat, touching both ends.
@@ -40,20 +39,27 @@ INDICES = [7, 0, 29, 7, 12, 3]
 
 @pytest.fixture(scope="module")
 def tokens() -> torch.Tensor:
-    return synthetic_tokens(N, T, V, seed=3)  # [N, T+1]
+    return synthetic_tokens(N, T, V, seed=3)  # [N, T]
+
+
+def own_labels(tokens: torch.Tensor) -> torch.Tensor:
+    """A labels column of a user's own, different from input_ids so that a mix-up shows."""
+    return (tokens * 7 + 1) % V
 
 
 @pytest.fixture(scope="module")
 def table(tokens: torch.Tensor) -> pa.Table:
     """input_ids / labels list<int32> [T], plus a scalar int and a scalar float column."""
     t = lm_tokens_table(tokens)
+    labels = lm_tokens_table(own_labels(tokens)).column("input_ids")
+    t = t.append_column("labels", labels)
     t = t.append_column("sample_id", pa.array(np.arange(N, dtype=np.int32)))
     return t.append_column("weight", pa.array(np.arange(N, dtype=np.float64) / 4))
 
 
 def expected(tokens: torch.Tensor, indices: list[int]) -> dict[str, torch.Tensor]:
     rows = torch.tensor(indices)
-    batch = lm_batch(tokens[rows])
+    batch = {"input_ids": tokens[rows], "labels": own_labels(tokens[rows])}
     batch["sample_id"] = rows.clone()
     batch["weight"] = rows.to(torch.float32) / 4
     return batch
@@ -81,8 +87,8 @@ class DictDataset(Dataset):
         self.reads.append(i)
         row = self.tokens[i]
         return {
-            "input_ids": row[:-1].to(torch.int32),  # widened to int64 like the Arrow path
-            "labels": row[1:].tolist(),
+            "input_ids": row.to(torch.int32),  # widened to int64 like the Arrow path
+            "labels": own_labels(row).tolist(),
             "sample_id": i,
             "weight": i / 4,
         }
@@ -186,12 +192,12 @@ def test_arrow_source_pickles(table: pa.Table, tokens: torch.Tensor) -> None:
     assert_batch_equal(source.take(INDICES), expected(tokens, INDICES))
 
 
-def test_lm_tokens_table_shifts_by_one(tokens: torch.Tensor) -> None:
+def test_lm_tokens_table_holds_the_rows_as_input_ids(tokens: torch.Tensor) -> None:
     t = lm_tokens_table(tokens)
+    assert t.column_names == ["input_ids"]  # labels are derived from them (zray.data.collate)
     assert t.schema.field("input_ids").type == pa.list_(pa.int32())
-    assert t.schema.field("labels").type == pa.list_(pa.int32())
-    assert t.column("input_ids")[2].as_py() == tokens[2, :-1].tolist()
-    assert t.column("labels")[2].as_py() == tokens[2, 1:].tolist()
+    assert t.column("input_ids")[2].as_py() == tokens[2].tolist()
+    assert t.num_rows == N
 
 
 def test_write_parquet_is_atomic_and_leaves_no_temp(table: pa.Table, tmp_path: Path) -> None:
@@ -280,7 +286,7 @@ def test_other_bad_inputs_are_named(table: pa.Table) -> None:
         as_source(table).take([0, 30])
     with pytest.raises(DataError, match="no rows"):
         as_source(table.slice(0, 0))
-    with pytest.raises(DataError, match=r"\[N, T\+1\] tensor"):
+    with pytest.raises(DataError, match=r"\[N, T\] tensor with T >= 2"):
         lm_tokens_table(torch.zeros(4, dtype=torch.long))
 
 

@@ -23,19 +23,58 @@ def test_shapes_and_hf_style_call() -> None:
     assert logits.shape == (3, cfg.seq_len, cfg.vocab_size)
     loss = model(**batch)
     assert loss.shape == () and loss.dtype == torch.float32
-    # Labels are already aligned: no shift inside the model.
-    want = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), batch["labels"].reshape(-1))
+    # Hugging Face's convention: labels = input_ids, shifted inside (logits at t score t + 1).
+    want = F.cross_entropy(
+        logits[:, :-1].reshape(-1, cfg.vocab_size), batch["input_ids"][:, 1:].reshape(-1)
+    )
     torch.testing.assert_close(loss, want)
     # Initial loss ~ ln(V) for small init.
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.2
     # Shorter sequences are fine; -100 labels are ignored.
     labels = batch["labels"][:, :10].clone()
-    labels[:, 5:] = -100
+    labels[:, 6:] = -100  # targets of positions 5.. ignored
     short = model(input_ids=batch["input_ids"][:, :10], labels=labels)
     want = F.cross_entropy(
-        logits[:, :5].reshape(-1, cfg.vocab_size), batch["labels"][:, :5].reshape(-1)
+        logits[:, :5].reshape(-1, cfg.vocab_size), batch["input_ids"][:, 1:6].reshape(-1)
     )
     torch.testing.assert_close(short, want)  # causal: positions < 5 ignore the cut
+
+
+def test_attention_mask_keeps_padding_out() -> None:
+    """A padded batch gives each sequence the loss and logits it has alone, with left or right
+    padding; an all-ones mask changes nothing."""
+    cfg = GPTConfig()
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    ids = synthetic_tokens(2, 12, cfg.vocab_size, seed=4)
+    alone = [model(input_ids=ids[i : i + 1, :n]) for i, n in enumerate((12, 7))]
+    want_loss = [model(input_ids=ids[i : i + 1, :n], labels=ids[i : i + 1, :n]) for i, n in
+                 enumerate((12, 7))]  # fmt: skip
+    for left in (False, True):
+        mask = torch.ones(2, 12, dtype=torch.long)
+        padded = ids.clone()
+        pad = slice(0, 5) if left else slice(7, 12)
+        mask[1, pad], padded[1, pad] = 0, 0
+        labels = padded.masked_fill(mask == 0, -100)
+        logits = model(input_ids=padded, attention_mask=mask)
+        torch.testing.assert_close(logits[0], alone[0][0])
+        if not left:  # positions are absolute: the right-padded row matches the short one
+            torch.testing.assert_close(logits[1, :7], alone[1][0])
+        assert torch.isfinite(logits).all()  # a padded query with no token before it too
+        if not left:
+            loss = model(input_ids=padded[1:], labels=labels[1:], attention_mask=mask[1:])
+            torch.testing.assert_close(loss, want_loss[1])
+        # Padding's values do not reach any token.
+        other = padded.clone()
+        other[1, pad] = 17
+        torch.testing.assert_close(
+            model(input_ids=other, attention_mask=mask)[1][mask[1] == 1],
+            logits[1][mask[1] == 1],
+        )
+    ones = torch.ones(2, 12, dtype=torch.long)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=ones), model(input_ids=ids))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[2, 11\]; allowed: \[B, 12\]"):
+        model(input_ids=ids, attention_mask=ones[:, :11])
 
 
 def test_too_long_input_error() -> None:
@@ -130,7 +169,7 @@ def test_named_sizes() -> None:
 
 def test_synthetic_tokens() -> None:
     a = synthetic_tokens(8, 20, 50, seed=0)
-    assert a.shape == (8, 21) and a.dtype == torch.long
+    assert a.shape == (8, 20) and a.dtype == torch.long
     assert int(a.min()) >= 0 and int(a.max()) < 50
     assert torch.equal(a, synthetic_tokens(8, 20, 50, seed=0))
     b = synthetic_tokens(8, 20, 50, seed=1)
@@ -141,7 +180,7 @@ def test_synthetic_tokens() -> None:
         prev, nxt = tokens[:, :-1].reshape(-1), tokens[:, 1:].reshape(-1)
         assert bool((succ[prev] == nxt[:, None]).any(dim=1).all())
     batch = lm_batch(a)
-    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+    assert torch.equal(batch["input_ids"], a) and torch.equal(batch["labels"], a)
 
 
 @pytest.fixture

@@ -75,7 +75,8 @@ def test_fp16_takes_the_fp32_path() -> None:
 
 
 def test_gpt_loss_and_gradients_match_the_reference() -> None:
-    """The GPT's loss through this function = F.cross_entropy of its logits, gradients too."""
+    """The GPT's loss through this function = F.cross_entropy of its logits against the labels
+    shifted by one (Hugging Face's causal-LM convention), gradients too."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32))
     ids = torch.randint(0, 64, (3, 16))
@@ -86,7 +87,7 @@ def test_gpt_loss_and_gradients_match_the_reference() -> None:
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     logits = model(input_ids=ids)
-    want = F.cross_entropy(logits.reshape(-1, 64).float(), labels.reshape(-1))
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 64).float(), labels[:, 1:].reshape(-1))
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
     for n, p in model.named_parameters():

@@ -45,13 +45,11 @@ def test_a_path_that_does_not_exist_is_named(tmp_path: Path) -> None:
 
 
 def test_a_column_the_model_does_not_take(tmp_path: Path) -> None:
-    table = lm_tokens_table(synthetic_tokens(64, 16, 256, seed=1)).rename_columns(
-        ["tokens", "labels"]
-    )
+    table = lm_tokens_table(synthetic_tokens(64, 16, 256, seed=1)).rename_columns(["tokens"])
     path = write_parquet(table, tmp_path / "t.parquet")
     with pytest.raises(
         DataError,
-        match=r"data column 'tokens': not an argument of GPT.forward\(input_ids, labels\)",
+        match=r"data column 'tokens': not an argument of GPT.forward\(input_ids, labels, attention_mask\)",
     ):
         preflight(config(), MODEL, str(path))
 

@@ -58,9 +58,36 @@ def rereading() -> Iterator[None]:
         _REREADING -= 1
 
 
+# Warnings of the config being read, held until it is known to be valid (None: not holding).
+_HELD: list[tuple[str, str]] | None = None
+
+
+@contextlib.contextmanager
+def held_warnings() -> Iterator[None]:
+    """Hold `warn_once` warnings while a config is read and give them only if it reads without
+    error: a refused config gets its one error line, not warnings about keys it will never use
+    first. Nested blocks hold into the outermost."""
+    global _HELD
+    if _HELD is not None:
+        yield
+        return
+    _HELD = []
+    try:
+        yield
+        held = _HELD
+    finally:
+        _HELD = None
+    for key, message in held:
+        warn_once(key, message)
+
+
 def warn_once(key: str, message: str) -> None:
     """Warn `key: message` with ZrayConfigWarning, at most once per key per process."""
     if key in _WARNED_KEYS or _REREADING:
+        return
+    if _HELD is not None:
+        if (key, message) not in _HELD:
+            _HELD.append((key, message))
         return
     _WARNED_KEYS.add(key)
     warnings.warn(f"{key}: {message}", ZrayConfigWarning, stacklevel=_caller_stacklevel())
@@ -70,7 +97,11 @@ def _caller_stacklevel() -> int:
     """Stack level of the first frame outside the zray package, so the warning points at the
     user's call (Config.load, zray.fit) rather than at the parser's recursion depth."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    # contextlib's frames too: held warnings are given from `held_warnings`' exit.
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+        or frame.f_code.co_filename == contextlib.__file__
+    ):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -20,6 +20,7 @@ from zray.config.fields import (
     Section,
     build,
     coerce,
+    held_warnings,
     meta,
     rereading,
     warn_once,
@@ -89,8 +90,10 @@ class Config(Section):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Config:
-        """Read a DeepSpeed-style config dict (plus an optional "zray" section)."""
-        cfg = build(cls, d)
+        """Read a DeepSpeed-style config dict (plus an optional "zray" section). Its warnings come
+        only once the whole config is valid (`held_warnings`)."""
+        with held_warnings():
+            cfg = build(cls, d)
         # What it was read from, "auto" values and all: `load(cfg, zray=...)` rebuilds from it
         # so that values derived from an overridden key follow it.
         object.__setattr__(cfg, "_source", copy.deepcopy(dict(d)))

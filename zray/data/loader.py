@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from zray.data.collate import Collate
 from zray.data.errors import DataError
 from zray.data.sampler import GlobalBatchSampler, rank_slice
 from zray.data.sources import TableSource
@@ -28,8 +29,9 @@ __all__ = ["RankBatches"]
 class RankBatches(Iterator[dict[str, torch.Tensor]]):
     """Rank ``rank``'s micro-batches, in order: ``gas`` per global batch, without end.
 
-    Micro-batch m of each global batch holds the samples `rank_slice` gives this rank. Tensors
-    are moved to ``device``; ``last_fetch_seconds`` is the wall time of the last micro-batch's
+    Micro-batch m of each global batch holds the samples `rank_slice` gives this rank, passed
+    through ``collate`` when given (`zray.data.collate.collate_for`). Tensors are moved to
+    ``device``; ``last_fetch_seconds`` is the wall time of the last micro-batch's
     fetch (index lookup, gather, conversion and the copy to ``device``), and
     ``total_fetch_seconds`` their sum, for the metrics. The sampler is owned by this iterator:
     advance it only through ``next``."""
@@ -43,6 +45,7 @@ class RankBatches(Iterator[dict[str, torch.Tensor]]):
         micro_batch: int,
         gas: int,
         device: torch.device | str,
+        collate: Collate | None = None,
     ) -> None:
         if micro_batch * gas * world != sampler.global_batch:
             raise DataError(
@@ -61,6 +64,7 @@ class RankBatches(Iterator[dict[str, torch.Tensor]]):
         self.sampler = sampler
         self.rank, self.world, self.micro_batch, self.gas = rank, world, micro_batch, gas
         self.device = torch.device(device)
+        self.collate = collate
         self.last_fetch_seconds = 0.0
         self.total_fetch_seconds = 0.0
         self._micro_step = 0
@@ -89,6 +93,8 @@ class RankBatches(Iterator[dict[str, torch.Tensor]]):
             self._micro_step,
         )
         batch = self.source.take(rows)
+        if self.collate is not None:
+            batch = self.collate(batch)
         if self.device.type != "cpu":
             # Host -> device copy of a few KB-MB. From pageable memory (this case) CUDA stages
             # the data through a pinned buffer and the call may block the host until staged;

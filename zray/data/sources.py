@@ -236,28 +236,25 @@ def as_source(data: Any, columns: list[str] | None = None) -> TableSource:
 
 
 def lm_tokens_table(tokens: torch.Tensor) -> pa.Table:
-    """[N, T+1] token ids -> table with ``input_ids`` = tokens[:, :-1] and ``labels`` =
-    tokens[:, 1:], both list<int32> of length T (the next-token pairs ``lm_batch`` makes).
+    """[N, T] token ids -> a table with one ``input_ids`` column, list<int32> of length T: what
+    a causal LM trains on (labels are derived from it, see `zray.data.collate`).
 
     int32 halves the file against int64; `TableSource` widens back to int64 per batch."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
         shown = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise DataError(f"tokens must be a [N, T+1] tensor with T >= 1; got {shown}")
+        raise DataError(f"tokens must be a [N, T] tensor with T >= 2; got {shown}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise DataError(f"tokens must hold integer ids; got dtype {tokens.dtype}")
     lo, hi = int(tokens.min()), int(tokens.max())
     info = np.iinfo(np.int32)
     if lo < info.min or hi > info.max:
         raise DataError(f"token ids must fit int32; got range [{lo}, {hi}]")
-    n, t = tokens.shape[0], tokens.shape[1] - 1
+    n, t = tokens.shape
     arr = tokens.detach().cpu().to(torch.int32).numpy()
-    # [N*T] values and N+1 offsets 0, T, 2T, ... build the list arrays without a row loop.
+    # [N*T] values and N+1 offsets 0, T, 2T, ... build the list array without a row loop.
     # list<> offsets are int32; past 2^31 values the column needs large_list<> (int64 offsets).
     large = n * t > info.max
     offsets = pa.array(np.arange(n + 1, dtype=np.int64 if large else np.int32) * t)
     list_cls = pa.LargeListArray if large else pa.ListArray
-
-    def lists(values: np.ndarray) -> pa.Array:
-        return list_cls.from_arrays(offsets, pa.array(np.ascontiguousarray(values).ravel()))
-
-    return pa.table({"input_ids": lists(arr[:, :-1]), "labels": lists(arr[:, 1:])})
+    values = pa.array(np.ascontiguousarray(arr).ravel())
+    return pa.table({"input_ids": list_cls.from_arrays(offsets, values)})

@@ -37,11 +37,10 @@ def markov_chain(vocab_size: int, chain_seed: int = 0) -> tuple[torch.Tensor, to
 def synthetic_tokens(
     n_samples: int, seq_len: int, vocab_size: int, seed: int, chain_seed: int = 0
 ) -> torch.Tensor:
-    """LongTensor [n_samples, seq_len + 1] of token ids sampled from the Markov chain.
+    """LongTensor [n_samples, seq_len] of token ids sampled from the Markov chain.
 
     ``seed`` picks the samples; ``chain_seed`` picks the chain itself, so sets drawn with
-    different seeds (train / validation) share one language. One extra token per row lets
-    ``lm_batch`` form inputs and next-token labels of length seq_len. Deterministic, on CPU.
+    different seeds (train / validation) share one language. Deterministic, on CPU.
     """
     if n_samples <= 0 or seq_len <= 0:
         raise ValueError(
@@ -49,27 +48,27 @@ def synthetic_tokens(
         )
     succ, probs = markov_chain(vocab_size, chain_seed)
     g = torch.Generator().manual_seed(seed)
-    out = torch.empty(n_samples, seq_len + 1, dtype=torch.long)
+    out = torch.empty(n_samples, seq_len, dtype=torch.long)
     out[:, 0] = torch.randint(vocab_size, (n_samples,), generator=g)
-    # Which successor each step takes: [n_samples, seq_len] indices into K, drawn at once.
-    choice = torch.multinomial(probs, n_samples * seq_len, replacement=True, generator=g)
-    choice = choice.view(n_samples, seq_len)
-    for t in range(seq_len):  # seq_len small gathers over the batch; cheap next to training
+    # Which successor each step takes: [n_samples, seq_len - 1] indices into K, drawn at once.
+    steps = seq_len - 1
+    choice = torch.multinomial(probs, max(1, n_samples * steps), replacement=True, generator=g)
+    choice = choice[: n_samples * steps].view(n_samples, steps)
+    for t in range(steps):  # seq_len small gathers over the batch; cheap next to training
         out[:, t + 1] = succ[out[:, t], choice[:, t]]
     return out
 
 
 def lm_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Split [B, T+1] tokens into model inputs [B, T] and aligned next-token labels [B, T]."""
-    return {
-        "input_ids": tokens[:, :-1].contiguous(),
-        "labels": tokens[:, 1:].contiguous(),
-    }
+    """[B, T] tokens -> the causal-LM batch {input_ids, labels}, labels = input_ids (the model
+    shifts them: Hugging Face's convention, see zray.models.gpt). Labels are a copy, so that
+    masking some (-100) leaves the inputs as they are."""
+    return {"input_ids": tokens, "labels": tokens.clone()}
 
 
 def synthetic_table(data: Any) -> Any:
     """{"synthetic": {"seq_len", "vocab_size", "n_samples", "seed"}} -> an Arrow table of
-    Markov-chain tokens (input_ids / labels; the demo and tests); anything else as it is."""
+    Markov-chain tokens (an input_ids column; the demo and tests); anything else as it is."""
     if not (isinstance(data, dict) and "synthetic" in data):
         return data
     from zray.data.sources import lm_tokens_table

@@ -3,10 +3,12 @@
 Shapes used in comments: B batch, T sequence length, D d_model, H heads, Dh = D / H head
 size, V vocabulary size, L layers.
 
-The model follows the Hugging Face calling convention the engine relies on:
-``model(input_ids=..., labels=...)`` returns the scalar loss, ``model(input_ids=...)`` the logits.
-Labels arrive already aligned with the inputs (``labels[:, t]`` is the target for position t;
-see ``zray.models.data.lm_batch``), so the model does not shift them.
+The model follows Hugging Face's causal-LM convention: ``model(input_ids=..., labels=...)``
+returns the scalar loss, ``model(input_ids=...)`` the logits, and labels are the token ids
+themselves (``labels = input_ids`` in the common case): the model shifts them, so the logits at
+position t are scored against ``labels[:, t + 1]``. ``attention_mask`` [B, T] (1 = token,
+0 = padding) keeps padded positions out of every token's attention; padded positions' labels
+should be -100 (``zray.data.collate`` derives such labels when the data has none).
 """
 
 from __future__ import annotations
@@ -118,6 +120,37 @@ def gpt_6b() -> GPTConfig:
     return GPTConfig.gpt_6b()
 
 
+def attention_mask_bias(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """[B, T] 1/0 padding mask -> bool [B, 1, T, T] for SDPA (True = may attend), or None.
+
+    Query t attends to keys s <= t that are tokens. Each position also attends to itself, so a
+    padded query with no token before it (left padding) has one finite score instead of a row
+    of -inf (NaN after softmax); its output is never scored (its label is -100) and, being
+    padding, no token attends to it.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[-1] != T or attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask has shape {list(attention_mask.shape)}; allowed: [B, {T}], the "
+            "shape of input_ids"
+        )
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return (causal & keys) | eye  # [B, 1, T, T]
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float
+) -> torch.Tensor:
+    """Causal scaled-dot-product attention, [B, H, T, Dh] each; ``mask`` from
+    `attention_mask_bias` (padding), or None for the causal-only (fastest) kernel."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -128,7 +161,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; ``mask`` (see `attention_mask_bias`) or None: causal."""
         B, T, D = x.shape
         # [B, T, 3D] -> 3 x [B, T, D] -> [B, H, T, Dh]
         q, k, v = self.qkv(x).split(D, dim=-1)
@@ -137,9 +171,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
         # Flash / memory-efficient kernel where available: O(T) memory instead of the
         # [B, H, T, T] attention matrix. Costs 4*B*T*T*D FLOPs (QK^T and AV), forward.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
         # [B, H, T, Dh] -> [B, T, D]
         y = y.transpose(1, 2).contiguous().view(B, T, D)
         return self.resid_drop(self.proj(y))
@@ -157,6 +189,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [B, T, D] -> [B, T, 4D] -> [B, T, D]
         return self.drop(self.proj(self.act(self.fc(x))))
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels -> [B, T] targets: position t's target is labels[:, t + 1], the last
+    position's is -100. The labels move instead of the logits ([B, T - 1, V] would be a copy of
+    the largest activation); the one extra row per sequence costs 1/T of the loss's work."""
+    ignored = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], ignored], dim=1)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -185,10 +225,10 @@ class Block(nn.Module):
         self.ln2 = LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, T, D] -> [B, T, D]. ln2 does the attention's residual add and the norm of
         # its result in one pass: h = x + attn(ln1(x)), a = ln2(h).
-        h, a = self.ln2(self.attn(self.ln1(x)), x)
+        h, a = self.ln2(self.attn(self.ln1(x), mask), x)
         return h + self.mlp(a)
 
 
@@ -239,11 +279,21 @@ class GPT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: LongTensor [B, T] with T <= seq_len; labels: LongTensor [B, T] or None.
+    # zray.data.collate derives labels = input_ids for a causal LM whose data has no labels.
+    causal_lm = True
 
-        Returns the mean next-token cross-entropy (fp32 scalar; positions whose label is -100
-        are ignored) when labels are given, else the logits [B, T, V].
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids: LongTensor [B, T] with T <= seq_len; labels: LongTensor [B, T] or None,
+        unshifted (see the module note); attention_mask: [B, T] of 1 (token) / 0 (padding).
+
+        Returns the mean next-token cross-entropy (fp32 scalar over the B * (T - 1) predicted
+        positions; those whose label is -100 are ignored) when labels are given, else the
+        logits [B, T, V].
         """
         B, T = input_ids.shape
         if input_ids.shape[1] > self.cfg.seq_len:
@@ -254,15 +304,17 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=input_ids.device)
         # [B, T, D] + [T, D] (broadcast over B)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
+        mask = attention_mask_bias(attention_mask, T)
+        for block in self.blocks:  # the mask only when there is one: blocks keep block(x)
+            x = block(x) if mask is None else block(x, mask)
         logits = self.lm_head(self.ln_f(x))  # [B, T, V]; costs 2*B*T*D*V FLOPs
         if labels is None:
             return logits
         # fp32 for the softmax even under bf16/fp16 autocast (the log-sum-exp over V terms loses
         # the loss's low bits in half precision), one slab of rows at a time, with the
         # gradient formed during forward: no [B, T, V] fp32 tensor is kept (see models/loss.py).
-        return cross_entropy(logits.reshape(B * T, -1), labels.reshape(B * T), IGNORE_INDEX)
+        targets = next_token_targets(labels)
+        return cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), IGNORE_INDEX)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of unique parameters (a tied weight counts once), from the tensors' numel:

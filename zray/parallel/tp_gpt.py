@@ -8,10 +8,16 @@ by `vocab_parallel_cross_entropy` on [B, T, V/tp] logits, so the full logits nev
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from zray.models.gpt import GPT, IGNORE_INDEX, CausalSelfAttention
+from zray.models.gpt import (
+    GPT,
+    IGNORE_INDEX,
+    CausalSelfAttention,
+    attend,
+    attention_mask_bias,
+    next_token_targets,
+)
 from zray.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear
 from zray.parallel.tp_ops import Group, gather_from_tp, vocab_parallel_cross_entropy
 
@@ -46,7 +52,7 @@ class ParallelCausalSelfAttention(nn.Module):
         )
         self.resid_drop = source.resid_drop
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         d_local = self.n_head * self.head_dim
         # [B, T, 3 D/tp] -> 3 x [B, T, D/tp] -> [B, H/tp, T, Dh]
@@ -55,9 +61,7 @@ class ParallelCausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         # Heads are independent: each rank's 4*B*T*T*D/tp FLOPs need no communication.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, d_local)  # [B, T, D/tp]
         return self.resid_drop(self.proj(y))
 
@@ -68,7 +72,12 @@ class TensorParallelGPT(GPT):
     Mirrors GPT.forward (kept in step by the equivalence tests) except for the last lines.
     """
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         T = input_ids.shape[1]
         if input_ids.shape[1] > self.cfg.seq_len:
             raise ValueError(
@@ -77,12 +86,18 @@ class TensorParallelGPT(GPT):
             )
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # [B, T, D], replicated
-        for block in self.blocks:
-            x = block(x)
+        mask = attention_mask_bias(attention_mask, T)
+        for block in self.blocks:  # the mask only when there is one: blocks keep block(x)
+            x = block(x) if mask is None else block(x, mask)
         head: ColumnParallelLinear = self.lm_head
         logits = head(self.ln_f(x))  # [B, T, V/tp]; 2*B*T*D*V/tp FLOPs
         if labels is None:
             return gather_from_tp(logits, head.group, dim=-1)  # [B, T, V], for inference
         return vocab_parallel_cross_entropy(
-            logits, labels, head.group, head.spec.rank, head.spec.size, IGNORE_INDEX
+            logits,
+            next_token_targets(labels),
+            head.group,
+            head.spec.rank,
+            head.spec.size,
+            IGNORE_INDEX,
         )
