@@ -98,6 +98,7 @@ class Engine(nn.Module):
             offload_optimizer=zcfg.offload_optimizer.enabled,
             offload_params=zcfg.offload_param.enabled,
             pin_memory=zcfg.offload_optimizer.pin_memory or zcfg.offload_param.pin_memory,
+            pre_reduce_scale=_pre_reduce_scale(config, ctx.dp_size),
         )
         self.zero = ZeroOptimizer(
             model,
@@ -318,7 +319,10 @@ class Engine(nn.Module):
                 return
         else:
             self.scaler.update(False)
-        unscale = 1.0 / (self.scaler.scale * self.ctx.dp_size)
+        # The sum over ranks was of gradients times pre_reduce_scale: divide it out with the
+        # loss scale and the rank count, in one factor.
+        pre = self.zero.settings.pre_reduce_scale
+        unscale = 1.0 / (self.scaler.scale * self.ctx.dp_size * pre)
         norm = sumsq.sqrt() * unscale  # norm of the averaged, unscaled gradient
         self.last_grad_norm = norm
         # A host sync, only with the switch on (fp16's dynamic scaling checked above).
@@ -464,6 +468,17 @@ def _breakdown_text(seconds: dict[str, float]) -> str:
     if not seconds:
         return ""
     return " | " + " ".join(f"{k} {v * 1e3:.1f}ms" for k, v in seconds.items())
+
+
+def _pre_reduce_scale(config: Config, dp_size: int) -> float:
+    """What each rank's gradients are multiplied by before the sum over ranks, as DeepSpeed
+    does: prescale_gradients divides by the rank count before the sum, otherwise
+    gradient_predivide_factor f divides by f before it (and the rest, dp_size / f, after)."""
+    if dp_size == 1:
+        return 1.0
+    if config.prescale_gradients:
+        return 1.0 / dp_size
+    return 1.0 / config.gradient_predivide_factor
 
 
 def extract_loss(out: Any) -> torch.Tensor:

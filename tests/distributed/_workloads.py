@@ -135,6 +135,45 @@ def all_stages_fp32() -> dict[int, dict[str, Any]]:
     return {stage: train(stage) for stage in range(4)}
 
 
+def prescaled_runs() -> dict[str, dict[int, dict[str, Any]]]:
+    """Stages 0 and 2 (the all-reduce and the bucketed reduce-scatter paths) with DeepSpeed's
+    pre-reduce scaling keys, each run also recording the absolute sum of every tensor handed to
+    a gradient collective (the values each rank contributes to the sum)."""
+    from zray.zero import comm
+
+    sent: list[float] = []
+    real = {"all_reduce_sum": comm.all_reduce_sum, "reduce_scatter_sum": comm.reduce_scatter_sum}
+
+    def recording(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            grads = args[0] if name == "all_reduce_sum" else args[1]
+            if grads.numel() > 8:  # gradients, not the step's norm or vote vectors
+                sent.append(float(grads.double().abs().sum()))
+            return real[name](*args, **kwargs)
+
+        return call
+
+    settings = {
+        "default": {},
+        "prescale": {"prescale_gradients": True},
+        "predivide": {"gradient_predivide_factor": 4.0},
+    }
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for name, extra in settings.items():
+        out[name] = {}
+        for stage in (0, 2):
+            sent.clear()
+            for fn in real:
+                setattr(comm, fn, recording(fn))
+            try:
+                run = train(stage, steps=2, **extra)
+            finally:
+                for fn, f in real.items():
+                    setattr(comm, fn, f)
+            out[name][stage] = {"state": run["state"], "losses": run["losses"], "sent": sum(sent)}
+    return out
+
+
 def bf16_stages(stages: tuple[int, ...] = (0, 3)) -> dict[int, dict[str, Any]]:
     return {stage: train(stage, bf16={"enabled": True}) for stage in stages}
 

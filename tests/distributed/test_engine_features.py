@@ -136,3 +136,24 @@ def test_overlap_param_gather_changes_nothing_but_timing() -> None:
         assert on["losses"] == off["losses"], stage
         for k, v in off["state"].items():
             assert torch.equal(on["state"][k], v), (stage, k)
+
+
+def test_prescale_and_predivide_scale_what_is_summed_and_nothing_else() -> None:
+    """DeepSpeed's prescale_gradients (x 1/world before the sum) and gradient_predivide_factor f
+    (x 1/f before, f/world after): each rank hands the collectives gradients scaled by exactly
+    that, and training is bit-identical to the default (2 ranks, fp32: halving and quartering
+    are exact, so any difference is a scale left in or applied twice)."""
+    runs = launch_local(w.prescaled_runs, 2)
+    for rank_runs in runs:
+        for stage in (0, 2):
+            base = rank_runs["default"][stage]
+            assert base["sent"] > 0
+            for name, scale in (("prescale", 1 / 2), ("predivide", 1 / 4)):
+                run = rank_runs[name][stage]
+                assert run["sent"] == base["sent"] * scale, (name, stage)  # exact: powers of 2
+                assert run["losses"] == base["losses"], (name, stage)
+    r0 = runs[0]
+    for stage in (0, 2):
+        for name in ("prescale", "predivide"):
+            for k, v in r0["default"][stage]["state"].items():
+                assert torch.equal(r0[name][stage]["state"][k], v), (name, stage, k)

@@ -61,6 +61,10 @@ class UnitSettings:
     offload_optimizer: bool = False  # master weights (and the optimizer) in CPU memory
     offload_params: bool = False  # stage 3: the parameter shard in CPU memory
     pin_memory: bool = False  # host buffers page-locked, so copies to/from the GPU are async
+    # Gradients are multiplied by this before the sum over data-parallel ranks (DeepSpeed's
+    # prescale_gradients: 1 / world; gradient_predivide_factor f: 1 / f); the optimizer's
+    # unscale divides it out again after the sum. 1.0: the raw gradients are summed.
+    pre_reduce_scale: float = 1.0
 
 
 class FlatUnit:
@@ -254,6 +258,7 @@ class FlatUnit:
             if self.grads.dtype == self.reduce_dtype
             else self.grads.to(self.reduce_dtype)
         )
+        self._prescale(src)
         if self.kind is UnitKind.REPLICATED:
             return comm.all_reduce_sum(src, self.ctx.dp_group, self.ctx.comm_stats), src
         out = torch.empty(
@@ -288,9 +293,16 @@ class FlatUnit:
         out = torch.empty(
             self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
         )
+        self._prescale(self._bucket)
         pending = comm.reduce_scatter_sum(out, self._bucket, self.ctx.dp_group, self.ctx.comm_stats)
         self._reduce = (pending, out)
         self._bucket = None  # the Pending handle keeps it alive until the collective ends
+
+    def _prescale(self, grads: torch.Tensor) -> None:
+        """Scale what this rank contributes to the sum (UnitSettings.pre_reduce_scale); the
+        gradients are summed in the reduce dtype, so a smaller scale keeps an fp16 sum in range."""
+        if self.settings.pre_reduce_scale != 1.0:
+            grads.mul_(self.settings.pre_reduce_scale)
 
     def drain_reduce(self) -> None:
         """Wait for the bucket's reduce-scatter and add it into the accumulator."""
