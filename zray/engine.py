@@ -390,6 +390,19 @@ class Engine(nn.Module):
                     out[name] = gather_tp_tensor(out[name], spec, self.ctx.tp_group)
         return out
 
+    def save_16bit_model(
+        self,
+        save_dir: str,
+        save_filename: str = "pytorch_model.bin",
+        exclude_frozen_parameters: bool = False,
+    ) -> bool:
+        """DeepSpeed's: rank 0 writes the whole weights in the compute dtype (torch.save); at
+        stage 3 only with zero_optimization.stage3_gather_16bit_weights_on_model_save, else it
+        warns and returns False. Collective. See zray.checkpoint.model_save."""
+        from zray.checkpoint.model_save import save_16bit_model
+
+        return save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters)
+
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer states (incl. master)."""
         return self.zero.held_bytes()

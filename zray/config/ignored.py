@@ -119,9 +119,6 @@ DECIDED_KEYS: dict[str, str] = {
     "zero_optimization.stage3_max_reuse_distance": (
         "zray frees each gathered unit after use; stage3_prefetch_bucket_size bounds the prefetch"
     ),
-    "zero_optimization.stage3_gather_16bit_weights_on_model_save": (
-        "zray saves sharded fp32 checkpoints; 'zray checkpoint consolidate' writes whole weights"
-    ),
     "zero_optimization.offload_optimizer.ratio": "zray offloads all of the optimizer state",
     "zero_optimization.offload_optimizer.buffer_count": "zray sizes its offload buffers itself",
     "zero_optimization.offload_optimizer.pipeline_read": "zray has no NVMe tier to pipeline",
