@@ -118,6 +118,7 @@ class Engine(nn.Module):
             if buf.is_floating_point() and buf.dtype != self.compute_dtype:
                 _set_buffer(model, buf_name, buf.to(self.compute_dtype))
         self.module = model
+        self._auto_cast = config.fp16.enabled and config.fp16.auto_cast
 
         self.lr_scheduler: Any = None
         if lr_scheduler is not None:
@@ -155,6 +156,8 @@ class Engine(nn.Module):
         return self.zero
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._auto_cast:  # DeepSpeed's fp16.auto_cast: floating inputs to fp16, nested
+            args, kwargs = _to_half(args), _to_half(kwargs)
         self.zero.before_forward()
         try:
             with self.timer.phase(Phase.FORWARD):
@@ -524,6 +527,19 @@ def _as_policy(modules: Any) -> str | list[str] | None:
 
 def _as_tuple(x: Any) -> tuple[Any, ...]:
     return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+
+def _to_half(x: Any) -> Any:
+    """Floating-point tensors in `x` (and in its tuples, lists and dicts) cast to fp16."""
+    if isinstance(x, torch.Tensor):
+        return x.half() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_half(v) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+        return type(x)(*(_to_half(v) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_half(v) for v in x)
+    return x
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -99,7 +99,6 @@ IGNORED_KEYS: dict[str, str] = {
 # the value changes nothing in zray. (A key that changes numerics or memory in DeepSpeed belongs
 # here only until zray implements it.)
 DECIDED_KEYS: dict[str, str] = {
-    "fp16.auto_cast": "zray casts the model's parameters to fp16; it does not run under autocast",
     "zero_optimization.overlap_comm": (
         "zray reduces gradients during backward at stages 2-3 and at the step at stages 0-1"
     ),
