@@ -90,3 +90,40 @@ def test_model_zero_grad_between_micro_steps_is_repaired_at_stage_1() -> None:
     (ref(**lm_batch(tokens[2:4])) / 2).backward()
     for name, p in ref.named_parameters():
         torch.testing.assert_close(after[name], before[name] - p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_max_live_parameters_caps_what_prefetch_gathers(monkeypatch) -> None:  # noqa: ANN001
+    """stage3_max_live_parameters: no prefetch brings the gathered count past the cap (the unit
+    about to run is gathered regardless); the training itself is the same."""
+    from zray.zero.unit import FlatUnit
+
+    def run(cap: int) -> tuple[int, list[float]]:
+        engine = make_engine(stage3_max_live_parameters=cap)
+        hooks = engine.zero.stage3
+        assert hooks is not None
+        peak = [0]
+        real = FlatUnit.gather
+
+        def gather(self: FlatUnit) -> None:
+            real(self)
+            peak[0] = max(peak[0], hooks.live_numel())
+
+        monkeypatch.setattr(FlatUnit, "gather", gather)
+        tokens = synthetic_tokens(8, 16, 64, seed=1)
+        losses = []
+        for step in range(3):
+            loss = engine(**lm_batch(tokens[2 * step : 2 * step + 2]))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        monkeypatch.setattr(FlatUnit, "gather", real)
+        return peak[0], losses
+
+    sizes = sorted(u.layout.padded_numel for u in make_engine().zero.stage3.units)
+    free_peak, free_losses = run(10**9)  # DeepSpeed's default: prefetch bounded by its bucket
+    assert free_peak == sum(sizes)  # this small model: everything prefetched
+    # Cap below root + two blocks: the root (kept for backward) and the running block only.
+    cap = sizes[0] + 2 * sizes[-1] - 1
+    capped_peak, capped_losses = run(cap)
+    assert capped_peak == sizes[0] + sizes[-1] < cap
+    assert capped_losses == free_losses

@@ -112,11 +112,9 @@ DECIDED_KEYS: dict[str, str] = {
     ),
     "zero_optimization.round_robin_gradients": "zray gives each rank one contiguous shard",
     "zero_optimization.sub_group_size": "zray steps each unit's shard as one tensor",
-    "zero_optimization.stage3_max_live_parameters": (
-        "zray frees each gathered unit after use; stage3_prefetch_bucket_size bounds the prefetch"
-    ),
     "zero_optimization.stage3_max_reuse_distance": (
-        "zray frees each gathered unit after use; stage3_prefetch_bucket_size bounds the prefetch"
+        "zray frees each gathered unit after use; stage3_prefetch_bucket_size and "
+        "stage3_max_live_parameters bound the prefetch"
     ),
     "zero_optimization.offload_optimizer.ratio": "zray offloads all of the optimizer state",
     "zero_optimization.offload_optimizer.buffer_count": "zray sizes its offload buffers itself",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from zray.zero import comm
-from zray.zero.unit import FlatUnit, UnitKind
+from zray.zero.unit import FlatUnit, ShardState, UnitKind
 
 
 class Phase(enum.Enum):
@@ -165,9 +165,12 @@ class _PreBackward(torch.autograd.Function):
 
 
 class Stage3Hooks:
-    def __init__(self, units: list[FlatUnit], prefetch_numel: int) -> None:
+    def __init__(self, units: list[FlatUnit], prefetch_numel: int, max_live_numel: int) -> None:
         self.units = [u for u in units if u.kind is UnitKind.ON_DEMAND]
         self.prefetch_numel = prefetch_numel
+        # DeepSpeed's stage3_max_live_parameters: a prefetch that would bring the parameters
+        # gathered past this count is not started. The unit about to run is always gathered.
+        self.max_live_numel = max_live_numel
         self.phase = Phase.IDLE
         self.order: list[FlatUnit] = []  # forward order: pre-forward hooks, first step
         # Units in the order their forward finished; backward reaches them in reverse (the
@@ -224,11 +227,21 @@ class Stage3Hooks:
             return
         i = order.index(unit) + step
         budget = self.prefetch_numel
+        live = self.live_numel()
         while 0 <= i < len(order) and budget > 0:
             nxt = order[i]
-            nxt.gather()
+            if nxt.state is ShardState.SHARDED:
+                size = nxt.layout.padded_numel
+                if live + size > self.max_live_numel:
+                    return
+                nxt.gather()
+                live += size
             budget -= nxt.layout.padded_numel
             i += step
+
+    def live_numel(self) -> int:
+        """Parameters gathered or being gathered now (ON_DEMAND units)."""
+        return sum(u.layout.padded_numel for u in self.units if u.state is not ShardState.SHARDED)
 
     # -- backward -----------------------------------------------------------------------------
 

@@ -84,7 +84,11 @@ class ZeroOptimizer:
         elif ctx.is_distributed:
             self.boundary_hooks = BoundaryReduceHooks(self.units)
         if plan.partition_params:
-            self.stage3 = Stage3Hooks(self.units, int(zero_cfg.stage3_prefetch_bucket_size))
+            self.stage3 = Stage3Hooks(
+                self.units,
+                int(zero_cfg.stage3_prefetch_bucket_size),
+                int(zero_cfg.stage3_max_live_parameters),
+            )
             assert self.grad_hooks is not None
             self.grad_hooks.on_unit_done.append(self.stage3.on_grads_reduced)
             if zero_cfg.stage3_gather != "nccl":
