@@ -128,7 +128,8 @@ def torch_engine(args: argparse.Namespace, device: torch.device, kind: str) -> S
     if kind == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        reduce = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.fsdp_reduce_dtype]
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
         if args.compile:
             compile_blocks(model)
         for block in model.blocks:
@@ -557,6 +558,12 @@ def main() -> None:
     p.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"])
     p.add_argument("--compile", action="store_true", help="torch.compile each block (all engines)")
     p.add_argument("--zray-zero", default="", help="extra zero_optimization keys for zray, JSON")
+    p.add_argument(
+        "--fsdp-reduce-dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="FSDP2's gradient reduce dtype (bf16: like-for-like with zray's and DeepSpeed's)",
+    )
     # bf16 rounding differs between the engines' precision schemes (autocast over fp32 weights
     # vs bf16 weights with fp32 masters): ~1e-3 relative on the loss after a few steps.
     p.add_argument("--loss-rtol", type=float, default=1e-2)
