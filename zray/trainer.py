@@ -227,8 +227,7 @@ class Trainer:
         )  # fmt: skip
         self.data = Prefetcher(rows, ctx.device)
         self.batches = _CountTokens(self.data)
-        # EXPERIMENT (issue 14): how many steps the host may run ahead of the device.
-        self.signals = StepSignals(ctx, lag=int(os.environ.get("ZRAY_SIGNAL_LAG", "1")))
+        self.signals = StepSignals(ctx)
         self.rate = RateWindow(ctx.dp_size)
         self.step_times: list[tuple[int, float]] = []
         self._votes: StepValues | None = None  # the newest values read: they decide a step
