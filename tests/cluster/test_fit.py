@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import zray
 from tests.cluster import _runs
 from zray.checkpoint.reader import CheckpointReader, latest_valid
-from zray.cluster.controller import RunStatus
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("ray_cluster")]
 
@@ -39,32 +41,39 @@ def test_two_workers_stage2_from_parquet_loss_falls(parquet_tokens: Path, tmp_pa
     assert result.checkpoint == str(latest_valid(tmp_path))
 
 
+_micro_steps = {"n": 0}  # per worker process
+
+
+def kill_self_once(outputs: Any, batch: Any, step: int, rank: int, marker: str) -> Any:
+    """The loss as the model gave it; rank `rank`'s process SIGKILLs itself at its `step`-th
+    micro-step (one per step here), the first time only (a marker file remembers)."""
+    _micro_steps["n"] += 1
+    if dist.get_rank() == rank and _micro_steps["n"] == step and not Path(marker).exists():
+        Path(marker).write_text("killed once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return outputs
+
+
 def test_killed_worker_recovers_exactly(parquet_tokens: Path, tmp_path: Path) -> None:
     """SIGKILL one worker mid-run: the run completes from the last checkpoint and its final
-    fp32 weights are bit-identical to an uninterrupted run's."""
-    # 16 steps and a 50 ms poll: the progress callback sees step 5 while many steps remain (with
-    # 8 steps at the default 0.2 s poll, a clean CI run once saw step 5 only after the workers
-    # had finished, so the kill came too late to cause a restart).
-    cfg = _runs.config(
-        1, steps=16, num_workers=2, checkpoint_interval=2, max_failures=2, poll_interval_s=0.05
-    )
+    fp32 weights are bit-identical to an uninterrupted run's.
+
+    The worker kills itself at step 5 (from the loss function), so the kill lands mid-run on
+    every machine; a kill from the progress callback depended on a poll seeing step 5 before
+    the run ended (once, in CI, it did not)."""
+    cfg = _runs.config(1, steps=8, num_workers=2, checkpoint_interval=2, max_failures=2)
     clean = zray.fit(
         config=cfg, data=str(parquet_tokens), checkpoint_dir=str(tmp_path / "clean"), progress=False
     )
-    killed: list[int] = []
-
-    def kill_once(st: RunStatus) -> None:
-        if not killed and st.step >= 5 and len(st.worker_pids) == 2:
-            killed.append(st.worker_pids[1])
-            os.kill(st.worker_pids[1], signal.SIGKILL)
-
+    marker = tmp_path / "killed"
     broken = zray.fit(
         config=cfg,
         data=str(parquet_tokens),
         checkpoint_dir=str(tmp_path / "broken"),
-        progress=kill_once,
+        loss=functools.partial(kill_self_once, step=5, rank=1, marker=str(marker)),
+        progress=False,
     )
-    assert killed and broken.restarts == 1 and broken.steps == 16
+    assert marker.exists() and broken.restarts == 1 and broken.steps == 8
     assert any(d.startswith("restart: rank") for d in broken.decisions), broken.decisions
     a, b = masters(clean.checkpoint), masters(broken.checkpoint)
     assert a.keys() == b.keys()

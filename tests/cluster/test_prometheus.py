@@ -8,6 +8,7 @@ expression of each panel is evaluated through the HTTP API at a moment the run w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -23,9 +24,8 @@ import pytest
 
 import zray
 from tests.cluster import _runs
+from tests.cluster.test_fit import kill_self_once
 from tests.unit.test_dashboards import dashboard_expressions
-from zray.cluster.controller import RunStatus
-from zray.cluster.state import RunState
 from zray.metrics.registry import METRICS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("ray_cluster")]
@@ -94,22 +94,7 @@ def test_every_dashboard_expression_returns_data(
     prometheus: tuple[str, int], parquet_tokens: Path, tmp_path: Path
 ) -> None:
     base, metrics_port = prometheus
-    seen: list[float] = []  # moments the run was training after the restart
-    killed: list[int] = []
-
-    def watch(st: RunStatus) -> None:
-        if not killed and st.step >= 12 and len(st.worker_pids) == 2:
-            killed.append(st.worker_pids[1])
-            os.kill(st.worker_pids[1], signal.SIGKILL)
-        if (
-            killed
-            and st.restarts == 1
-            and st.state is RunState.RUNNING
-            and st.phase == "training"
-            and st.step > 0
-        ):
-            seen.append(time.time())
-
+    marker = tmp_path / "killed"
     cfg = _runs.config(
         2,
         steps=150,
@@ -120,11 +105,20 @@ def test_every_dashboard_expression_returns_data(
         metrics_port=metrics_port,
     )
     result = zray.fit(
-        config=cfg, data=str(parquet_tokens), checkpoint_dir=str(tmp_path), progress=watch
+        config=cfg,
+        data=str(parquet_tokens),
+        checkpoint_dir=str(tmp_path),
+        # Rank 1 SIGKILLs itself at step 12: a restart, a checkpoint load and lost steps.
+        loss=functools.partial(kill_self_once, step=12, rank=1, marker=str(marker)),
+        progress=False,
     )
     assert result.restarts == 1 and result.metrics_url.endswith(f":{metrics_port}/metrics")
-    assert seen, "never saw the restarted run training"
-    time.sleep(2.5)  # the last scrapes land
+    # The moments rank 0 trained after the restart, from the run's own JSONL log (written as
+    # the controller saw each step), not from a poll that had to land mid-run.
+    rows = [json.loads(ln) for ln in (tmp_path / f"{RUN}.metrics.jsonl").read_text().splitlines()]
+    killed_at = marker.stat().st_mtime
+    seen = sorted(r["time"] for r in rows if r["rank"] == 0 and r["time"] > killed_at)
+    assert len(seen) > 10, "too few steps logged after the restart"
     # Mid-way through the restarted run: every gauge fresh, every rate window full.
     at = seen[len(seen) // 2]
     missing = []
@@ -138,6 +132,5 @@ def test_every_dashboard_expression_returns_data(
     assert names <= exported, names - exported
     # And the JSONL log: a line per rank each time the controller saw a new step (it polls, so
     # fast steps are sampled), ending with the last step of both ranks.
-    rows = [json.loads(ln) for ln in (tmp_path / f"{RUN}.metrics.jsonl").read_text().splitlines()]
     assert {r["run"] for r in rows} == {RUN} and {r["rank"] for r in rows} == {0, 1}
     assert max(r["zray_step"] for r in rows if r["rank"] == 0) == 150
