@@ -99,6 +99,7 @@ class Engine(nn.Module):
             offload_params=zcfg.offload_param.enabled,
             pin_memory=zcfg.offload_optimizer.pin_memory or zcfg.offload_param.pin_memory,
             pre_reduce_scale=_pre_reduce_scale(config, ctx.dp_size),
+            reduce_scatter=zcfg.reduce_scatter,
         )
         self.zero = ZeroOptimizer(
             model,

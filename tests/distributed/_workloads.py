@@ -135,42 +135,54 @@ def all_stages_fp32() -> dict[int, dict[str, Any]]:
     return {stage: train(stage) for stage in range(4)}
 
 
-def prescaled_runs() -> dict[str, dict[int, dict[str, Any]]]:
-    """Stages 0 and 2 (the all-reduce and the bucketed reduce-scatter paths) with DeepSpeed's
-    pre-reduce scaling keys, each run also recording the absolute sum of every tensor handed to
-    a gradient collective (the values each rank contributes to the sum)."""
+def reduction_runs() -> dict[str, dict[int, dict[str, Any]]]:
+    """Stages 0-2 (the all-reduce and reduce-scatter paths, at the boundary and bucketed in
+    backward) with DeepSpeed's reduction keys; each run also records which gradient collectives
+    ran and the absolute sum of what each rank handed them (its contribution to the sum)."""
     from zray.zero import comm
 
-    sent: list[float] = []
+    sent: list[tuple[str, float]] = []
     real = {"all_reduce_sum": comm.all_reduce_sum, "reduce_scatter_sum": comm.reduce_scatter_sum}
 
     def recording(name: str) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
             grads = args[0] if name == "all_reduce_sum" else args[1]
             if grads.numel() > 8:  # gradients, not the step's norm or vote vectors
-                sent.append(float(grads.double().abs().sum()))
+                sent.append((name, float(grads.double().abs().sum())))
             return real[name](*args, **kwargs)
 
         return call
 
-    settings = {
-        "default": {},
-        "prescale": {"prescale_gradients": True},
-        "predivide": {"gradient_predivide_factor": 4.0},
+    settings: dict[str, Any] = {
+        "default": lambda stage: {},
+        "prescale": lambda stage: {"prescale_gradients": True},
+        "predivide": lambda stage: {"gradient_predivide_factor": 4.0},
+        "all_reduce": lambda stage: {
+            "zero_optimization": {
+                "stage": stage,
+                "reduce_bucket_size": 3000,
+                "reduce_scatter": False,
+            }
+        },
     }
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for name, extra in settings.items():
         out[name] = {}
-        for stage in (0, 2):
+        for stage in (0, 1, 2):
             sent.clear()
             for fn in real:
                 setattr(comm, fn, recording(fn))
             try:
-                run = train(stage, steps=2, **extra)
+                run = train(stage, steps=2, **extra(stage))
             finally:
                 for fn, f in real.items():
                     setattr(comm, fn, f)
-            out[name][stage] = {"state": run["state"], "losses": run["losses"], "sent": sum(sent)}
+            out[name][stage] = {
+                "state": run["state"],
+                "losses": run["losses"],
+                "sent": sum(v for _, v in sent),
+                "kinds": sorted({k for k, _ in sent}),
+            }
     return out
 
 

@@ -138,22 +138,44 @@ def test_overlap_param_gather_changes_nothing_but_timing() -> None:
             assert torch.equal(on["state"][k], v), (stage, k)
 
 
-def test_prescale_and_predivide_scale_what_is_summed_and_nothing_else() -> None:
+@pytest.fixture(scope="module")
+def reduction_runs() -> list[dict]:
+    return launch_local(w.reduction_runs, 2)
+
+
+def test_prescale_and_predivide_scale_what_is_summed_and_nothing_else(
+    reduction_runs: list[dict],
+) -> None:
     """DeepSpeed's prescale_gradients (x 1/world before the sum) and gradient_predivide_factor f
     (x 1/f before, f/world after): each rank hands the collectives gradients scaled by exactly
     that, and training is bit-identical to the default (2 ranks, fp32: halving and quartering
     are exact, so any difference is a scale left in or applied twice)."""
-    runs = launch_local(w.prescaled_runs, 2)
-    for rank_runs in runs:
-        for stage in (0, 2):
+    for rank_runs in reduction_runs:
+        for stage in (0, 1, 2):
             base = rank_runs["default"][stage]
             assert base["sent"] > 0
             for name, scale in (("prescale", 1 / 2), ("predivide", 1 / 4)):
                 run = rank_runs[name][stage]
                 assert run["sent"] == base["sent"] * scale, (name, stage)  # exact: powers of 2
                 assert run["losses"] == base["losses"], (name, stage)
-    r0 = runs[0]
-    for stage in (0, 2):
-        for name in ("prescale", "predivide"):
+    _same_training(reduction_runs[0], ("prescale", "predivide"))
+
+
+def test_reduce_scatter_false_all_reduces_the_same_sums(reduction_runs: list[dict]) -> None:
+    """zero_optimization.reduce_scatter false: stages 1-2 sum gradients with all-reduces only
+    (whole buckets, this rank's slice kept), and train bit-identically (2 ranks: a + b is the
+    same sum either way)."""
+    r0 = reduction_runs[0]
+    assert r0["default"][0]["kinds"] == ["all_reduce_sum"]
+    for stage in (1, 2):
+        assert r0["default"][stage]["kinds"] == ["reduce_scatter_sum"], stage
+        assert r0["all_reduce"][stage]["kinds"] == ["all_reduce_sum"], stage
+    _same_training(r0, ("all_reduce",))
+
+
+def _same_training(r0: dict, names: tuple[str, ...]) -> None:
+    for stage in (0, 1, 2):
+        for name in names:
+            assert r0[name][stage]["losses"] == r0["default"][stage]["losses"], (name, stage)
             for k, v in r0["default"][stage]["state"].items():
                 assert torch.equal(r0[name][stage]["state"][k], v), (name, stage, k)

@@ -103,9 +103,6 @@ DECIDED_KEYS: dict[str, str] = {
         "zray reduces gradients during backward at stages 2-3 and at the step at stages 0-1"
     ),
     "zero_optimization.contiguous_gradients": "zray's gradients always live in flat buffers",
-    "zero_optimization.reduce_scatter": (
-        "zray reduce-scatters at stages 1-3 where a rank owns a shard, all-reduces at stage 0"
-    ),
     "zero_optimization.allgather_partitions": "zray all-gathers flat partitions",
     "zero_optimization.allgather_bucket_size": (
         "zray all-gathers whole units: buckets of reduce_bucket_size at stages 1-2, modules at 3"

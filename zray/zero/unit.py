@@ -65,6 +65,9 @@ class UnitSettings:
     # prescale_gradients: 1 / world; gradient_predivide_factor f: 1 / f); the optimizer's
     # unscale divides it out again after the sum. 1.0: the raw gradients are summed.
     pre_reduce_scale: float = 1.0
+    # DeepSpeed's zero_optimization.reduce_scatter: False sums each whole bucket with an
+    # all-reduce and keeps this rank's slice (twice the traffic, the same sums).
+    reduce_scatter: bool = True
 
 
 class FlatUnit:
@@ -261,10 +264,7 @@ class FlatUnit:
         self._prescale(src)
         if self.kind is UnitKind.REPLICATED:
             return comm.all_reduce_sum(src, self.ctx.dp_group, self.ctx.comm_stats), src
-        out = torch.empty(
-            self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
-        )
-        return comm.reduce_scatter_sum(out, src, self.ctx.dp_group, self.ctx.comm_stats), out
+        return self._sum_to_shard(src)
 
     # ---- gradients, stages 2-3 --------------------------------------------------------------
 
@@ -290,13 +290,20 @@ class FlatUnit:
     def launch_reduce(self) -> None:
         if self._bucket is None or self._reduce is not None:
             return
+        self._prescale(self._bucket)
+        self._reduce = self._sum_to_shard(self._bucket)
+        self._bucket = None  # the Pending handle keeps it alive until the collective ends
+
+    def _sum_to_shard(self, src: torch.Tensor) -> tuple[comm.Pending, torch.Tensor]:
+        """Start the sum over ranks of `src` [padded numel]; returns the pending collective and
+        the tensor that will hold this rank's summed slice [shard numel] once it completes."""
+        group, stats = self.ctx.dp_group, self.ctx.comm_stats
+        if not self.settings.reduce_scatter:  # all of it summed; this rank's slice kept
+            return comm.all_reduce_sum(src, group, stats), src[self.shard_lo : self.shard_hi]
         out = torch.empty(
             self.shard_hi - self.shard_lo, dtype=self.reduce_dtype, device=self.device
         )
-        self._prescale(self._bucket)
-        pending = comm.reduce_scatter_sum(out, self._bucket, self.ctx.dp_group, self.ctx.comm_stats)
-        self._reduce = (pending, out)
-        self._bucket = None  # the Pending handle keeps it alive until the collective ends
+        return comm.reduce_scatter_sum(out, src, group, stats), out
 
     def _prescale(self, grads: torch.Tensor) -> None:
         """Scale what this rank contributes to the sum (UnitSettings.pre_reduce_scale); the
@@ -305,13 +312,15 @@ class FlatUnit:
             grads.mul_(self.settings.pre_reduce_scale)
 
     def drain_reduce(self) -> None:
-        """Wait for the bucket's reduce-scatter and add it into the accumulator."""
+        """Wait for the bucket's sum over ranks and add this rank's slice into the accumulator."""
         if self._reduce is None:
             return
         pending, out = self._reduce
         pending.wait()
         if self.grad_acc is None:  # the cycle's first reduction becomes the accumulator
-            self.grad_acc = out if out.dtype == self.accum_dtype else out.to(self.accum_dtype)
+            # A copy where `out` is a slice of the whole summed bucket, so the bucket is freed.
+            copy = not self.settings.reduce_scatter
+            self.grad_acc = out.to(self.accum_dtype, copy=copy)
         else:
             self.grad_acc.add_(out)
         self._reduce = None
