@@ -89,6 +89,7 @@ ENGINE = {
     "scheduler": {"last_epoch": 12, "base_lrs": [0.001, 0.0005]},
 }
 SAMPLER = {"epoch": 2, "index": 384, "seed": 1234}
+TIED = {"head.weight": "emb.weight"}  # another name of a saved parameter
 
 
 def make_shards(
@@ -124,6 +125,7 @@ def make_shards(
                 ],
                 engine=ENGINE,
                 sampler=SAMPLER,
+                tied=TIED,
                 rng=rank_rng(rank),
                 client_state={"rank": rank, "best": float("inf"), "ids": {3: (1, "x")}},
             )
@@ -225,7 +227,7 @@ def test_rank_and_global_state_round_trip(tmp_path: Path) -> None:
     world = 3
     step_dir = save_ok(tmp_path, 5, make_shards(world))
     with CheckpointReader(step_dir) as r:
-        assert r.global_state() == {"engine": ENGINE, "sampler": SAMPLER}
+        assert r.global_state() == {"engine": ENGINE, "sampler": SAMPLER, "tied": TIED}
         for rank in range(world):
             st = r.rank_state(rank)
             assert st is not None
@@ -262,7 +264,8 @@ def test_consolidate_safetensors_streams_exact_tensors(tmp_path: Path) -> None:
     step_dir = save_ok(tmp_path / "ckpt", 7, make_shards(3, full=full))
     out = consolidate(step_dir, tmp_path / "model.safetensors")
     sd = load_file(out)
-    assert set(sd) == set(PARAMS)
+    assert set(sd) == set(PARAMS) | set(TIED)  # a tied name is written as a copy
+    assert torch.equal(sd["head.weight"], sd["emb.weight"])
     for name, shape in PARAMS.items():
         assert sd[name].shape == shape and sd[name].dtype == torch.float32
         assert torch.equal(sd[name].reshape(-1), full[name]["master"])

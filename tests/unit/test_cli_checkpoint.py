@@ -257,3 +257,40 @@ def test_bad_arguments_are_one_line_errors(
     assert code == 2 and "is not a directory" in err
     code, _, err = run(capsys, "checkpoint", "consolidate", str(tmp_path), str(tmp_path / "m"))
     assert code == 1 and "no committed checkpoint" in err
+
+
+def test_a_tied_model_consolidates_under_every_name_and_loads_strictly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GPT-2-style tied embeddings: the checkpoint saves the shared weight once and records its
+    other name; consolidate writes it under both (safetensors: a copy; torch: one tensor), so
+    load_state_dict(strict=True) takes the file, also after a reshard. Before, lm_head.weight
+    was missing and a strict load failed."""
+    tied = MODEL.with_(tie_embeddings=True)
+    torch.manual_seed(0)
+    engine, *_ = zray.initialize(model=GPT(tied), config=CONFIG)
+    for step in range(2):
+        train_step(engine, step)
+    want = engine.consolidated_state_dict()
+    step_dir = Path(engine.save_checkpoint(str(tmp_path / "ckpt")))
+    with CheckpointReader(step_dir) as r:
+        assert "lm_head.weight" not in r.params()  # saved once
+        assert r.global_state()["tied"] == {"lm_head.weight": "tok_emb.weight"}
+    resharded = tmp_path / "resharded"
+    code, _, err = run(
+        capsys, "checkpoint", "reshard", str(step_dir), str(resharded), "--world-size", "2"
+    )
+    assert code == 0, err
+    for source in (step_dir, next(resharded.glob("step_*"))):
+        for fmt, name in (("safetensors", "m.safetensors"), ("torch", "m.pt")):
+            out = tmp_path / f"{source.parent.name}_{name}"
+            argv = ["checkpoint", "consolidate", str(source), str(out), "--format", fmt]
+            code, _, err = run(capsys, *argv)
+            assert code == 0, err
+            got = load_file(out) if fmt == "safetensors" else torch.load(out, weights_only=True)
+            assert got.keys() == want.keys(), (fmt, source)
+            model = GPT(tied)
+            model.load_state_dict(got, strict=True)
+            assert model.lm_head.weight is model.tok_emb.weight  # still one parameter
+            for k, v in want.items():
+                assert torch.equal(got[k], v), (fmt, k)

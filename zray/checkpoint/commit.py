@@ -86,6 +86,8 @@ def commit(
         # Engine and sampler state as rank 0 encoded them; their tensors live in rank 0's file.
         "engine": piece0["state"]["engine"],
         "sampler": piece0["state"]["sampler"],
+        # Further names of tied parameters -> the saved name (absent before 2026-12-07).
+        "tied": piece0["state"].get("tied") or {},
     }
     write_json_atomic(step_dir / MANIFEST, manifest)
     marker = {

@@ -1,7 +1,9 @@
 """Offline tools on a saved checkpoint: one full state_dict, and a summary for people.
 
 `consolidate` writes {name: tensor of the parameter's shape} of the master weights (or another
-saved key) to one file. In safetensors format it streams: the header is computed from the
+saved key) to one file, tied parameters under each of their names (so the file loads into the
+model with `load_state_dict(strict=True)`: in torch format as one tensor under both names, in
+safetensors, which cannot share storage, as a copy). In safetensors format it streams: the header is computed from the
 shapes alone, then each parameter is assembled from its ranges, written and dropped, so peak
 memory is one parameter (plus the reader's mmaps), whatever the model's size. In "torch" format
 (torch.save) the whole dict is built first: the model is held once in memory.
@@ -51,18 +53,23 @@ def consolidate(
     out = Path(out_path)
     with CheckpointReader(step_dir) as reader:
         params = reader.params()
+        tied = {a: n for a, n in reader.global_state()["tied"].items() if n in params}
+        names = [*params, *tied]  # every name the model's state_dict has for its parameters
 
-        def tensors() -> Iterator[torch.Tensor]:
-            for name, shape in params.items():
+        def tensors(names: list[str]) -> Iterator[torch.Tensor]:
+            for name in names:
+                saved = tied.get(name, name)
+                shape = params[saved]
                 # [numel] fp32 -> shape, dtype; the fp32 buffer is dropped once cast/written.
-                yield reader.read(name, 0, numel(shape), key).to(dtype).view(shape)
+                yield reader.read(saved, 0, numel(shape), key).to(dtype).view(shape)
 
         if fmt == "safetensors":
-            specs = [TensorSpec(name, dtype, shape) for name, shape in params.items()]
+            specs = [TensorSpec(n, dtype, params[tied.get(n, n)]) for n in names]
             meta = {"format": "pt", "zray_step": str(reader.step), "zray_key": key}
-            write_safetensors(out, specs, tensors(), metadata=meta)
+            write_safetensors(out, specs, tensors(names), metadata=meta)
         else:
-            state = dict(zip(params, tensors(), strict=True))
+            state = dict(zip(params, tensors(list(params)), strict=True))
+            state.update({alias: state[name] for alias, name in tied.items()})  # one tensor
             with open_atomic(out) as f:
                 torch.save(state, f)
     return out

@@ -174,9 +174,22 @@ def shard_from(
         param_groups=host.param_groups,
         engine=host.counters,
         sampler=sampler,
+        tied=tied_names(engine.module),
         rng=host.rng,
         client_state=client_state or {},
     )
+
+
+def tied_names(module: torch.nn.Module) -> dict[str, str]:
+    """Each further name of a parameter that has several -> its first name (the saved one)."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
 
 
 @dataclass

@@ -117,4 +117,5 @@ class MemoryReader:
         }
 
     def global_state(self) -> dict[str, Any]:
-        return {"engine": self.shards[0].engine, "sampler": self.shards[0].sampler}
+        s0 = self.shards[0]
+        return {"engine": s0.engine, "sampler": s0.sampler, "tied": s0.tied}

@@ -247,7 +247,8 @@ class CheckpointReader:
         return {s: decode(state[s], load) for s in _RANK_SECTIONS}
 
     def global_state(self) -> dict[str, Any]:
-        """Engine (counters, loss scaler, scheduler) and sampler state, as rank 0 saved them."""
+        """Engine (counters, loss scaler, scheduler) and sampler state, as rank 0 saved them,
+        and the tied parameters' further names."""
         file0 = self._rank_files[0]["file"]
 
         def load(key: str) -> torch.Tensor:
@@ -256,6 +257,7 @@ class CheckpointReader:
         return {
             "engine": decode(self._manifest["engine"], load),
             "sampler": decode(self._manifest["sampler"], load),
+            "tied": dict(self._manifest.get("tied") or {}),
         }
 
     # ---- files and integrity ------------------------------------------------------------------

@@ -87,6 +87,7 @@ def reshard(step_dir: Path | str, out_root: Path | str, world_size: int) -> Path
                 param_groups=mine.get("param_groups") or [],
                 engine=glob["engine"] if rank == 0 else {},
                 sampler=glob["sampler"] if rank == 0 else None,
+                tied=glob.get("tied") or {},
                 rng=mine.get("rng") or {},
                 client_state=mine.get("client_state") or {},
             )

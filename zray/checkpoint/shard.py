@@ -63,6 +63,9 @@ class RankShard:
     # Engine counters, loss scaler and LR scheduler state: identical on every rank.
     engine: dict[str, Any] = field(default_factory=dict)
     sampler: dict[str, Any] | None = None
+    # Tied parameters: each further name of a parameter -> the name its ranges are saved under
+    # (the first in named_parameters()), e.g. {"lm_head.weight": "tok_emb.weight"}.
+    tied: dict[str, str] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)  # this rank's RNG states
     client_state: dict[str, Any] = field(default_factory=dict)
 

@@ -45,7 +45,7 @@ from zray.checkpoint.tp_read import tp_json
 
 # Non-tensor state every rank saves, and what rank 0 adds (identical on all ranks: saved once).
 _RANK_SECTIONS = ("group_scalars", "param_groups", "rng", "client_state")
-_GLOBAL_SECTIONS = ("engine", "sampler")
+_GLOBAL_SECTIONS = ("engine", "sampler", "tied")
 
 
 def save_shard(
