@@ -114,6 +114,7 @@ class RunOutcome:
     # state, which the next group restores from memory instead of disk.
     paused: bool = False
     handover: RankShard | None = None
+    preempted: bool = False  # this rank's process got SIGTERM (zray.cluster.worker): it paused
 
 
 class Trainer:

@@ -81,6 +81,45 @@ def test_killed_worker_recovers_exactly(parquet_tokens: Path, tmp_path: Path) ->
         assert torch.equal(a[k], b[k]), k
 
 
+def sigterm_self_once(outputs: Any, batch: Any, step: int, rank: int, marker: str) -> Any:
+    """The loss as the model gave it; rank `rank`'s process sends itself SIGTERM (what Kubernetes
+    sends a pod it evicts) at its `step`-th micro-step, the first time only."""
+    _micro_steps["n"] += 1
+    if dist.get_rank() == rank and _micro_steps["n"] == step and not Path(marker).exists():
+        Path(marker).write_text("terminated once")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return outputs
+
+
+def test_sigterm_pauses_the_group_and_loses_no_step(parquet_tokens: Path, tmp_path: Path) -> None:
+    """SIGTERM to one worker mid-run (a preemption): the group pauses at the next step, hands its
+    state over in memory and starts again; no restart, no step lost, and every loss and the
+    final fp32 weights equal an uninterrupted run's bit for bit (the same computation resumed
+    from the same state at the same world size)."""
+    cfg = _runs.config(1, steps=8, num_workers=2, checkpoint_interval=8, max_failures=0)
+    clean = zray.fit(
+        config=cfg, data=str(parquet_tokens), checkpoint_dir=str(tmp_path / "clean"), progress=False
+    )
+    marker = tmp_path / "terminated"
+    stopped = zray.fit(
+        config=cfg,
+        data=str(parquet_tokens),
+        checkpoint_dir=str(tmp_path / "stopped"),
+        loss=functools.partial(sigterm_self_once, step=4, rank=1, marker=str(marker)),
+        progress=False,
+    )
+    assert marker.exists() and stopped.steps == 8
+    assert stopped.restarts == 0 and stopped.resizes == 1 and stopped.lost_steps == 0
+    assert any(d.startswith("preempted: rank(s) [1] got SIGTERM") for d in stopped.decisions), (
+        stopped.decisions
+    )
+    assert stopped.losses == clean.losses
+    a, b = masters(clean.checkpoint), masters(stopped.checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.fixture(scope="module")
 def four_worker_run(parquet_tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """Stage 3 on 4 workers for 6 steps, a checkpoint at step 3 kept."""

@@ -242,6 +242,13 @@ class Controller:
             return self._decide(polled.failures)
         if polled.outcome is not None:
             if polled.outcome.paused:  # paused on its own: treat as a handover
+                stopped = sorted(r for r, o in polled.outcomes.items() if o.preempted)
+                if stopped:
+                    self._note(
+                        f"preempted: rank(s) {stopped} got SIGTERM; the group paused after "
+                        f"step {polled.outcome.steps} and starts again from its state in "
+                        "memory (no step lost)"
+                    )
                 return self._take_handover(polled, want=None)
             self.group.shutdown()
             return self._go(Finished(polled.outcome))

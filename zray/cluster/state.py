@@ -29,8 +29,15 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     RunState.SCHEDULING: frozenset(
         {RunState.RUNNING, RunState.RECOVERING, RunState.WAITING, RunState.ERRORED}
     ),
+    # SCHEDULING: the group paused on its own (a rank got SIGTERM) and hands its state over.
     RunState.RUNNING: frozenset(
-        {RunState.FINISHED, RunState.RECOVERING, RunState.RESIZING, RunState.ERRORED}
+        {
+            RunState.SCHEDULING,
+            RunState.FINISHED,
+            RunState.RECOVERING,
+            RunState.RESIZING,
+            RunState.ERRORED,
+        }
     ),
     # FINISHED: the last step came before the step the ranks agreed to pause at.
     RunState.RESIZING: frozenset(

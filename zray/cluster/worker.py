@@ -3,18 +3,26 @@
 Several threads (max_concurrency): `run()` trains in one; `report()`, `request_pause()`,
 `keep_replica()` and `snapshots()` answer in the others, also while training is blocked in a
 collective whose peer has died.
+
+SIGTERM (a KubeRay pod deleted, a node drained, a spot instance reclaimed) while training asks
+the group to pause, as a resize does: every rank stops at the same step and hands its state
+over in memory, and the controller starts the group again from it, so no step is lost. The
+process then ends when the controller ends the group. A second SIGTERM, or one that comes while
+this process is not training, gets Ray's own handling (the process exits).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
+from types import FrameType
 from typing import Any
 
 import ray
@@ -44,6 +52,22 @@ class Worker:
         self._training_thread: int | None = None  # the thread running `run`, for `stack`
         self._store_dir: str | None = None  # made by store_file(), removed after run()
         self._pause_requested = False
+        self._training = False  # inside run()
+        self.preempted = False  # a SIGTERM came while training: the group pauses and hands over
+        # Ray's actor __init__ runs on the process's main thread, where handlers must be set.
+        self._ray_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self._training and not self.preempted:
+            self.preempted = True
+            self.request_pause()
+            return
+        if callable(self._ray_sigterm):
+            self._ray_sigterm(signum, frame)
+        elif self._ray_sigterm != signal.SIG_IGN:  # SIG_DFL: end as the default would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port on it: rank 0's process group store."""
@@ -73,6 +97,7 @@ class Worker:
         store_file: str | None = None,
     ) -> RunOutcome:
         self._training_thread = threading.get_ident()
+        self._training = True
         send = send_to(holder, rank) if holder is not None else None
         # What the Trainer gets holds no Ray objects: the data and the in-memory state to
         # resume from may come as refs into the object store.
@@ -84,8 +109,10 @@ class Worker:
         if self._pause_requested:
             self.loop.request_pause()
         try:
-            return self.loop.train()
+            outcome = self.loop.train()
+            return replace(outcome, preempted=self.preempted) if self.preempted else outcome
         finally:
+            self._training = False
             if self._store_dir is not None:
                 shutil.rmtree(self._store_dir, ignore_errors=True)
 
