@@ -5,8 +5,16 @@
 Runs zray.fit on an embedded local Ray cluster (CPU workers, gloo, tiny GPT), SIGKILLs one
 worker process once the run passes step --kill-at, and times the recovery from the driver's
 status stream: kill -> failure seen (controller RECOVERING) -> group running again -> first
-step completed after the restart. Steps lost = step at the kill - step resumed from. Prints a
-table and writes JSON (--out).
+step completed after the restart. Steps lost = step at the kill - step resumed from.
+
+The same recovery split into its phases, from the run's timeline (`RunStatus.timeline`:
+wall-clock times the controller and every new rank recorded, each rank phase ending when the
+slowest rank got there): detect (kill -> the controller saw the failure), tear down (the failed
+group's actors ended), wait slots (until Ray shows room for the new group), start (new actors
+created: placement and process start), rendezvous
+(the process group up), build (model and engine made), restore (state loaded: in-memory copies
+or a checkpoint), first step.
+Prints two tables and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -44,9 +52,30 @@ def main() -> None:
             f"{r['detect_s']:>17.2f} {r['restart_s']:>20.2f} {r['first_step_s']:>21.2f} "
             f"{r['kill_to_next_step_s']:>18.2f} {r['steps_lost']:>11}"
         )
+    print("\nphases, s: " + " ".join(f"{name:>10}" for name in PHASES))
+    for r in rows:
+        print("           " + " ".join(f"{r['phases'][name]:>10.2f}" for name in PHASES))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "runs": rows, "cpus": os.cpu_count()}, f, indent=1)
+
+
+# Each phase of a recovery: (name, the timeline entry it starts at, the one it ends at).
+_PHASES = (
+    ("detect", "kill", "failure_seen"),
+    ("tear down", "failure_seen", "torn_down"),
+    ("wait slots", "torn_down", "slots_free"),
+    ("start", "slots_free", "process"),
+    ("rendezvous", "process", "rendezvous"),
+    ("build", "rendezvous", "built"),
+    ("restore", "built", "restored"),
+    ("first step", "restored", "first_step"),
+)
+PHASES = [name for name, _, _ in _PHASES]
+
+
+def phases(timeline: dict[str, float]) -> dict[str, float]:
+    return {name: timeline[end] - timeline[start] for name, start, end in _PHASES}
 
 
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,10 +88,14 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
             if st.step >= args.kill_at and len(st.worker_pids) == args.workers:
                 info["step_at_kill"] = st.step
                 t["kill"] = time.perf_counter()
+                info["kill_wall"] = time.time()
                 os.kill(st.worker_pids[-1], signal.SIGKILL)
             return
         if st.state is RunState.RECOVERING or st.restarts >= 1:
             t.setdefault("detected", now)
+        line = st.timeline
+        if "torn_down" in line and line.get("first_step", 0.0) > line["torn_down"]:
+            info.setdefault("timeline", dict(line))
         if st.restarts >= 1 and st.state is RunState.RUNNING:
             t.setdefault("running", now)
             # From a checkpoint ("started N workers from .../step_00000010") or from the
@@ -106,6 +139,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "step_at_kill": info["step_at_kill"],
         "resumed_from": info["resumed_from"],
         "steps_lost": info["step_at_kill"] - info["resumed_from"],
+        "phases": phases({"kill": info["kill_wall"], **info["timeline"]}),
         "decisions": result.decisions,
     }
 

@@ -94,6 +94,10 @@ class Report:
     copy_interval: float = 0.0  # steps between this rank's last two state copies (0: none yet)
     copy_step: int | None = None  # the step of this rank's newest acknowledged state copy
     steps_done: int = 0  # steps this process completed (exact: read when the report is asked)
+    # Wall-clock times (time.time()) of this rank's start-up: "process" (its actor made), "run"
+    # (training asked for), "rendezvous" (process group up), "built" (model and engine made),
+    # "restored" (state loaded), "first_step" (its first step done). Recovery benchmarks split a restart with them.
+    milestones: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # see zray.metrics.worker
 
 
@@ -128,6 +132,7 @@ class Trainer:
         resume: Resume = None,
         attempt: int = 0,
         send_copy: Send | None = None,
+        created: float | None = None,
     ) -> None:
         self.spec, self.env, self.attempt, self.resume = spec, env, attempt, resume
         self.rank, self.world = env.rank, env.world_size
@@ -136,7 +141,13 @@ class Trainer:
         self.max_steps = self.cfg.zray.max_steps or 100
         self.losses = LossLog()  # (step, global mean loss), the resumed history first
         self.steps_done = 0
-        self._report = Report(rank=env.rank, pid=os.getpid(), node=socket.gethostname())
+        now = time.time()
+        self._report = Report(
+            rank=env.rank,
+            pid=os.getpid(),
+            node=socket.gethostname(),
+            milestones={"process": created or now, "run": now},
+        )
         self._lock = threading.Lock()
         # A pause asked for by the controller; the ranks agree on the step (StepSignals).
         self._pause = threading.Event()
@@ -149,7 +160,11 @@ class Trainer:
 
     def report(self) -> Report:
         with self._lock:
-            return Report(**{**self._report.__dict__, "steps_done": self.steps_done})
+            # The milestones copied: Ray pickles the report after the lock is released.
+            r = self._report
+            return Report(
+                **{**r.__dict__, "steps_done": self.steps_done, "milestones": dict(r.milestones)}
+            )
 
     def snapshots(self) -> list[tuple[int, PackedShard]]:
         """This rank's complete in-memory copies of its state (for recovery)."""
@@ -197,6 +212,7 @@ class Trainer:
             env=self.env,
             device=device if device is not None else "cpu",
         )
+        self._milestone("rendezvous")
         torch.manual_seed(run.seed)
         model = build_model(self.spec, self.cfg)
         source = as_source(self.spec.data)
@@ -204,6 +220,7 @@ class Trainer:
         flops_per_token = _flops_per_token(model, source)
         collate = collate_for(model, source.columns)
         self.engine, *_ = initialize(model=model, config=self.cfg)
+        self._milestone("built")
         ctx, b = self.engine.ctx, self.engine.batch
         sampler = GlobalBatchSampler(len(source), b.train_batch_size, seed=run.seed)
         peak, _ = device_peak_tflops(ctx.device, self.engine.compute_dtype)
@@ -220,6 +237,7 @@ class Trainer:
             _host_budget() if run.replica_interval and self.send_copy else None,
         )
         position = self.checkpoints.resume(self.resume)
+        self._milestone("restored")
         if position:
             sampler.load_state_dict(position)
         rows = RankBatches(
@@ -257,6 +275,8 @@ class Trainer:
             data_wait_seconds_total=self.data.wait_seconds,
         )
         self._t_step, self._tokens_before = now, tokens
+        if self.steps_done == 1:
+            self._milestone("first_step")
         # The values of step - lag (sums over all ranks): the votes they carry decide what
         # happens after this step, on every rank alike.
         lag = self.signals.lag
@@ -331,6 +351,10 @@ class Trainer:
         )
 
     # ---- reports -----------------------------------------------------------------------------
+
+    def _milestone(self, name: str) -> None:
+        with self._lock:
+            self._report.milestones[name] = time.time()
 
     def _set(self, **changes: Any) -> None:
         with self._lock:

@@ -66,14 +66,24 @@ def test_killed_worker_recovers_exactly(parquet_tokens: Path, tmp_path: Path) ->
         config=cfg, data=str(parquet_tokens), checkpoint_dir=str(tmp_path / "clean"), progress=False
     )
     marker = tmp_path / "killed"
+    timelines: list[dict[str, float]] = []
     broken = zray.fit(
         config=cfg,
         data=str(parquet_tokens),
         checkpoint_dir=str(tmp_path / "broken"),
         loss=functools.partial(kill_self_once, step=5, rank=1, marker=str(marker)),
-        progress=False,
+        progress=lambda st: timelines.append(dict(st.timeline)),
     )
     assert marker.exists() and broken.restarts == 1 and broken.steps == 8
+    # The recovery's timeline (benchmarks/recovery.py splits a restart with it): every phase
+    # recorded, in order, the workers' from the new group.
+    order = ["failure_seen", "torn_down", "slots_free", "group_started"]
+    ranks = ["process", "run", "rendezvous", "built", "restored", "first_step"]
+    line = next(t for t in reversed(timelines) if "failure_seen" in t)
+    assert set(order + ranks) <= line.keys(), line
+    assert [line[k] for k in order] == sorted(line[k] for k in order), line
+    assert [line[k] for k in ranks] == sorted(line[k] for k in ranks), line
+    assert line["torn_down"] <= line["process"] <= line["group_started"], line
     assert any(d.startswith("restart: rank") for d in broken.decisions), broken.decisions
     a, b = masters(clean.checkpoint), masters(broken.checkpoint)
     assert a.keys() == b.keys()

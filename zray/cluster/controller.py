@@ -89,6 +89,11 @@ class RunStatus:
     decisions: list[str] = field(default_factory=list)  # every decision, with its reason
     error: str | None = None
     metrics_url: str | None = None  # where the run's metrics are served, if they are
+    # Wall-clock times (time.time()) of the last (re)start, for recovery benchmarks: the
+    # controller's "failure_seen", "torn_down" (the failed group ended), "slots_free" (capacity
+    # for the new group seen), "group_started" (its actors answering), then the workers' Report.milestones, each the latest
+    # over the ranks (the group is as far as its slowest rank).
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 class Controller:
@@ -182,6 +187,7 @@ class Controller:
         decision = self.policy.decide(failures, self.restarts)
         self._note(f"{decision.action.value}: {decision.reason}")
         if decision.action is Action.RESTART:
+            self.status.timeline = {"failure_seen": time.time()}
             return self._go(Recovering(started=self.clock(), redo_from=self.status.step))
         error = RunFailedError(decision, failures, self.restarts)
         self.status.error = str(error)
@@ -219,12 +225,14 @@ class Controller:
             )
             return self._go(Waiting(since=self.clock(), then=replace(at, want=None)))
         resume = at.resume if at.resume is not None else self.latest_checkpoint()
+        self.status.timeline["slots_free"] = time.time()
         self.group = self.make_group(size)
         try:
             self.group.start(resume, attempt=self.restarts + self.resizes)
         except GroupStartError as e:
             return self._decide(e.failures)
         self.status.world_size = self.group.size
+        self.status.timeline["group_started"] = time.time()
         where = "in-memory state" if isinstance(resume, list) else resume
         if resume:
             self._note(f"started {self.group.size} workers from {where}")
@@ -322,6 +330,7 @@ class Controller:
                 "falling back to the last committed checkpoint"
             )
         self.group.shutdown()
+        self.status.timeline["torn_down"] = time.time()
         self.group = None
         self.restarts += 1
         # The step shown stays until the new group reports the step it resumed from (lower
@@ -358,6 +367,10 @@ class Controller:
                     self.metrics.update_rank(r.rank, r.node, r.stage, r.metrics)
             self.metrics.keep_ranks(set(range(self.status.world_size)))
         ordered = sorted(reports, key=lambda r: r.rank)
+        if len(ordered) == self.status.world_size:
+            for name in ordered[0].milestones:
+                if all(name in r.milestones for r in ordered):
+                    self.status.timeline[name] = max(r.milestones[name] for r in ordered)
         self.status.worker_pids = [r.pid for r in ordered]
         self.status.worker_nodes = [r.node for r in ordered]
         lead = ordered[0]

@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
@@ -52,6 +53,7 @@ class Worker:
         self._training_thread: int | None = None  # the thread running `run`, for `stack`
         self._store_dir: str | None = None  # made by store_file(), removed after run()
         self._pause_requested = False
+        self._created = time.time()  # for the recovery timeline (Report.milestones)
         self._training = False  # inside run()
         self.preempted = False  # a SIGTERM came while training: the group pauses and hands over
         # Ray's actor __init__ runs on the process's main thread, where handlers must be set.
@@ -105,7 +107,7 @@ class Worker:
         if isinstance(resume, list):
             resume = [_resolve(item) for item in resume]
         env = DistEnv(rank, world, 0, master_addr, master_port, store_file)
-        self.loop = Trainer(spec, env, resume, attempt, send)
+        self.loop = Trainer(spec, env, resume, attempt, send, created=self._created)
         if self._pause_requested:
             self.loop.request_pause()
         try:
