@@ -38,6 +38,9 @@ class FakeGroup:
     def shutdown(self) -> None:
         self.shut = True
 
+    def survivors(self, grace_s: float) -> None:
+        self.shutdown()  # keeps nothing: every recovery here starts a whole new group
+
 
 def outcome(steps: int = 10) -> RunOutcome:
     return RunOutcome(

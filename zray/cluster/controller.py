@@ -51,6 +51,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("zray.controller")
 
 
+# After a failure, how long the other ranks' runs get to end before their processes are ended
+# instead of kept. Ranks that end do so within milliseconds (gloo raises when a peer's
+# connection drops); a rank blocked in a collective on a live peer can wait until its timeout
+# (seen: a reduce-scatter on gloo), and starting a new process for it is the faster way.
+SURVIVOR_GRACE_S = 0.5
+
+
 class RunFailedError(ZrayError):
     """The run gave up: one report merging what every failed rank said."""
 
@@ -214,9 +221,13 @@ class Controller:
         return self.state  # finished or errored: nothing more to do
 
     def _schedule(self, at: Scheduling) -> RunState:
-        size = self._target_size(0)
+        # Kept workers hold their bundles: they count as capacity the new group has.
+        size = self._target_size(at.survivors.size if at.survivors is not None else 0)
         if at.want is not None and (size or 0) < at.want and self.clock() < at.settle_until:
             return self.state  # the old group's slots are still being released
+        if size is None and at.survivors is not None:
+            at.survivors.discard()  # waiting: give their slots back
+            at = replace(at, survivors=None)
         if size is None:
             # The capacity the decision was taken on (probing again could give another count).
             self._note(
@@ -228,7 +239,10 @@ class Controller:
         self.status.timeline["slots_free"] = time.time()
         self.group = self.make_group(size)
         try:
-            self.group.start(resume, attempt=self.restarts + self.resizes)
+            if at.survivors is not None:
+                self.group.start(resume, self.restarts + self.resizes, reuse=at.survivors)
+            else:
+                self.group.start(resume, attempt=self.restarts + self.resizes)
         except GroupStartError as e:
             return self._decide(e.failures)
         self.status.world_size = self.group.size
@@ -329,8 +343,11 @@ class Controller:
                 f"no in-memory state of one step for all {old} ranks (held: {held}); "
                 "falling back to the last committed checkpoint"
             )
-        self.group.shutdown()
+        # The live, idle processes stay for the next group (group.Survivors).
+        survivors = self.group.survivors(SURVIVOR_GRACE_S)
         self.status.timeline["torn_down"] = time.time()
+        if survivors is not None:
+            self._note(f"keep {len(survivors.actors)} of {old} worker processes for the new group")
         self.group = None
         self.restarts += 1
         # The step shown stays until the new group reports the step it resumed from (lower
@@ -339,7 +356,12 @@ class Controller:
         self.status.worker_pids, self.status.worker_nodes = [], []
         self.status.phase = WorkerPhase.STARTING
         return self._go(
-            Scheduling(resume=resume, resize_started=at.started, redo_from=at.redo_from)
+            Scheduling(
+                resume=resume,
+                resize_started=at.started,
+                redo_from=at.redo_from,
+                survivors=survivors,
+            )
         )
 
     def _wait(self, at: Waiting) -> RunState:

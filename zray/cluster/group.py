@@ -1,13 +1,19 @@
 """A group of Worker actors in one placement group, as the controller sees it.
 
-The controller talks to a group only through `start`, `poll` and `shutdown` (the `WorkerGroup`
-protocol), so its state machine can be driven in tests by a fake group.
+The controller talks to a group only through the `WorkerGroup` protocol (`start`, `poll`,
+`survivors`, `shutdown`, ...), so its state machine can be driven in tests by a fake group.
+
+After a failure the processes that are still alive and idle are kept for the next group at the
+same size (`Survivors`): only the lost ranks get new processes. Starting a worker process and
+its first model and engine build cost seconds each (imports, first-time set-up of torch and
+zray); a kept process has paid them already.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,10 +39,33 @@ class GroupPoll:
     outcomes: dict[int, RunOutcome] = field(default_factory=dict)
 
 
+@dataclass
+class Survivors:
+    """What a failed group leaves to the next: its placement group (`size` bundles) and, by
+    rank, the workers whose processes are alive and idle (reset for a new run). Rank r runs in
+    bundle r, so a new group of the same size gives each kept worker its old rank and starts new
+    workers in the bundles of the ranks that were lost."""
+
+    pg: Any
+    size: int
+    actors: dict[int, Any]
+
+    def discard(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors.values():
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        remove_placement_group(self.pg)
+        self.actors = {}
+
+
 class WorkerGroup(Protocol):
     size: int
 
-    def start(self, resume: Resume, attempt: int) -> None: ...
+    def start(self, resume: Resume, attempt: int, reuse: Survivors | None = None) -> None: ...
+    def survivors(self, grace_s: float) -> Survivors | None: ...
     def poll(self) -> GroupPoll: ...
     def request_pause(self) -> None: ...
     def snapshots(self) -> dict[int, list[tuple[int, PackedShard]]]: ...
@@ -68,12 +97,39 @@ class RayWorkerGroup:
         self.runs: list[Any] = []
         self._finished: dict[int, RunOutcome] = {}
 
-    def start(self, resume: Resume, attempt: int) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
+    def start(self, resume: Resume, attempt: int, reuse: Survivors | None = None) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from zray.cluster.worker import Worker
+
+        if reuse is not None and (reuse.size != self.size or self.tp != 1):
+            reuse.discard()  # another size (or tensor groups): a new placement
+            reuse = None
+        kept = reuse.actors if reuse is not None else {}
+        if reuse is not None:
+            self.pgs = [reuse.pg]
+        else:
+            self._place()
+        per_group = self.size // len(self.pgs)
+        self.actors = [
+            kept[i]
+            if i in kept
+            else Worker.options(
+                num_cpus=1,
+                num_gpus=1 if self.use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pgs[i // per_group],
+                    placement_group_bundle_index=i % per_group,
+                ),
+            ).remote()
+            for i in range(self.size)
+        ]
+        self._launch(resume, attempt)
+
+    def _place(self) -> None:
+        """New placement groups for the whole group; waits until they are placed."""
+        import ray
+        from ray.util.placement_group import placement_group
 
         bundle = {"CPU": 1.0, "GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
         # One placement group per tensor group, all of it on one node (its collectives run in
@@ -87,7 +143,6 @@ class RayWorkerGroup:
                 placement_group([bundle] * self.tp, strategy="STRICT_PACK")
                 for _ in range(self.size // self.tp)
             ]
-        per_group = self.size // len(self.pgs)
         try:
             ray.get([pg.ready() for pg in self.pgs], timeout=self.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -106,17 +161,11 @@ class RayWorkerGroup:
                     )
                 ]
             ) from None
-        self.actors = [
-            Worker.options(
-                num_cpus=1,
-                num_gpus=1 if self.use_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pgs[i // per_group],
-                    placement_group_bundle_index=i % per_group,
-                ),
-            ).remote()
-            for i in range(self.size)
-        ]
+
+    def _launch(self, resume: Resume, attempt: int) -> None:
+        """Rendezvous through rank 0, then start every rank's run."""
+        import ray
+
         try:
             addr, port = ray.get(self.actors[0].rendezvous.remote(), timeout=self.start_timeout_s)
             nodes = ray.get([a.node.remote() for a in self.actors], timeout=self.start_timeout_s)
@@ -261,6 +310,51 @@ class RayWorkerGroup:
                 merged.setdefault(rank, []).extend(snaps)
         return merged
 
+    def survivors(self, grace_s: float) -> Survivors | None:
+        """End this group, keeping what the next group at the same size can reuse: the
+        placement group and every worker whose run has ended (within `grace_s`) and that answers
+        a reset. A worker still running (stuck in a collective whose peer died, as NCCL is until
+        its timeout) or dead is ended. None (everything ended) with tensor groups, or when the
+        placement group lost bundles with a node."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+
+        if self.tp != 1 or len(self.pgs) != 1 or not self.runs:
+            self.shutdown()
+            return None
+        # Each run that ends is reset at once: that closes its process group's connections,
+        # which ends the runs still waiting on it (gloo: a rank blocked on a live peer waits
+        # until that peer's sockets close, not just until the dead one's did).
+        resets: dict[int, Any] = {}
+        waiting = list(self.runs)
+        deadline = time.monotonic() + grace_s
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            ended, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+            for ref in ended:
+                rank = self.runs.index(ref)
+                if _ended_by_a_peer(ref):  # a rank whose own code failed gets a new process
+                    resets[rank] = self.actors[rank].reset.remote()
+            if not ended:
+                break
+        kept: dict[int, Any] = {}
+        for rank, actor in enumerate(self.actors):
+            if rank in resets:
+                try:
+                    ray.get(resets[rank], timeout=10)
+                except Exception:  # dead, or stuck: a new process takes its rank
+                    pass
+                else:
+                    kept[rank] = actor
+                    continue
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        out = Survivors(self.pgs[0], self.size, kept)
+        self.actors, self.runs, self.pgs = [], [], []
+        if placement_group_table(out.pg).get("state") != "CREATED":
+            out.discard()  # bundles went with a node: place the next group afresh
+            return None
+        return out
+
     def shutdown(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
@@ -282,6 +376,29 @@ _TIMED_OUT = re.compile(r"timed ?out|timeout", re.IGNORECASE)
 # How long the other ranks get to end their runs after the first timeout is seen: the ranks
 # waiting in one collective time out within moments of each other.
 _ARRIVAL_GRACE_S = 2.0
+
+
+# What gloo and torch.distributed say when a peer's process or connection went away.
+_PEER_LOST = re.compile(
+    r"connection (reset|closed|refused)|closed by peer|broken pipe|gloo/transport", re.IGNORECASE
+)
+
+
+def _ended_by_a_peer(ref: Any) -> bool:
+    """Whether a run that ended did so because another rank failed (its process is then as
+    good as new): it raised torch.distributed's error or a lost connection. A run that failed
+    in its own code (user code, a CUDA error) may have left its process broken: not reused."""
+    import ray
+    import torch.distributed as dist
+
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        return isinstance(cause, dist.DistError) or bool(_PEER_LOST.search(str(cause)))
+    except Exception:
+        return False  # the process died
+    return True  # it ended normally (paused or finished): idle
 
 
 def _retryable(cause: BaseException | None) -> bool:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from zray.trainer import Resume, RunOutcome
+
+if TYPE_CHECKING:
+    from zray.cluster.group import Survivors
 
 
 class RunState(enum.Enum):
@@ -75,6 +78,8 @@ class Scheduling:
     settle_until: float = 0.0
     resize_started: float | None = None  # when the resize or recovery began (it is timed)
     redo_from: int | None = None  # after a failure: the step reached; lost steps are counted
+    # After a failure: the failed group's placement and live processes, for the new group.
+    survivors: Survivors | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ this process is not training, gets Ray's own handling (the process exits).
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -54,6 +55,9 @@ class Worker:
         self._store_dir: str | None = None  # made by store_file(), removed after run()
         self._pause_requested = False
         self._created = time.time()  # for the recovery timeline (Report.milestones)
+        # What the first model and engine build would import, started now: it overlaps the
+        # group's rendezvous instead of following it (a second of a recovery on a small CPU).
+        threading.Thread(target=_prewarm, name="zray-prewarm", daemon=True).start()
         self._training = False  # inside run()
         self.preempted = False  # a SIGTERM came while training: the group pauses and hands over
         # Ray's actor __init__ runs on the process's main thread, where handlers must be set.
@@ -70,6 +74,21 @@ class Worker:
         elif self._ray_sigterm != signal.SIG_IGN:  # SIG_DFL: end as the default would
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def reset(self) -> None:
+        """Ready this process for a new group after its group failed (zray.cluster.group
+        .Survivors): the old Trainer and process group gone, the old group's state copies
+        dropped (they are of another group's steps and shards), no pause pending."""
+        import torch.distributed as dist
+
+        self.loop = None
+        self.replicas = ReplicaStore()
+        self._pause_requested = False
+        self.preempted = False
+        self._training_thread = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        gc.collect()  # the old engine's tensors, before the new one is built
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port on it: rank 0's process group store."""
@@ -152,6 +171,17 @@ class Worker:
         if self.loop is not None:
             out.setdefault(self.loop.rank, []).extend(self.loop.snapshots())
         return out
+
+
+def _prewarm() -> None:
+    """Import what building a Trainer imports on first use. torch's optimizers import
+    torch._dynamo (a second and a half on one core) the first time one is constructed."""
+    import torch._dynamo  # noqa: F401
+
+    import zray.data.collate
+    import zray.data.loader
+    import zray.data.prefetch
+    import zray.engine  # noqa: F401
 
 
 def _resolve(item: Any) -> Any:
