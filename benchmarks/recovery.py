@@ -75,7 +75,13 @@ PHASES = [name for name, _, _ in _PHASES]
 
 
 def phases(timeline: dict[str, float]) -> dict[str, float]:
-    return {name: timeline[end] - timeline[start] for name, start, end in _PHASES}
+    """Each phase's seconds; a phase another one already covered counts 0 (a kept worker's
+    process was made before the failure)."""
+    out, reached = {}, timeline["kill"]
+    for name, _, end in _PHASES:
+        out[name] = max(0.0, timeline[end] - reached)
+        reached = max(reached, timeline[end])
+    return out
 
 
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
