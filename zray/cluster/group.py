@@ -312,14 +312,16 @@ class RayWorkerGroup:
 
     def survivors(self, grace_s: float) -> Survivors | None:
         """End this group, keeping what the next group at the same size can reuse: the
-        placement group and every worker whose run has ended (within `grace_s`) and that answers
-        a reset. A worker still running (stuck in a collective whose peer died, as NCCL is until
-        its timeout) or dead is ended. None (everything ended) with tensor groups, or when the
-        placement group lost bundles with a node."""
+        placement group and every worker whose run ended (within `grace_s`) because a peer
+        failed and that answers a reset. A worker still running (blocked in a collective), one
+        whose own code failed, or a dead one is ended. None (everything ended) on GPUs (see
+        below), with tensor groups, or when the placement group lost bundles with a node."""
         import ray
         from ray.util.placement_group import placement_group_table
 
-        if self.tp != 1 or len(self.pgs) != 1 or not self.runs:
+        # GPUs: not yet. A rank whose NCCL collective failed may need its communicator
+        # aborted, and its CUDA context may not be usable; unmeasured, so every process goes.
+        if self.use_gpu or self.tp != 1 or len(self.pgs) != 1 or not self.runs:
             self.shutdown()
             return None
         # Each run that ends is reset at once: that closes its process group's connections,
