@@ -9,11 +9,18 @@ checkpoint directory. A third node joins once step 6 has passed (the clock start
 `add_node` returns); later the node of rank 2 is removed (the clock starts at `remove_node`).
 "Training at the new size" = the first status whose rank 0 reports a completed step at that
 size. Prints a table and writes JSON.
+
+Then each event split into its phases from the run's timeline (`RunStatus.timeline`, wall-clock
+times the controller and the new group's slowest rank recorded). Grow: scale check (node added ->
+the controller asks the group to pause), pause (-> every rank's state handed over), tear down,
+wait slots, start, rendezvous, build, restore, first step. Loss: detect (node removed -> failure
+seen), then the same from tear down on.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from typing import Any
@@ -26,6 +33,20 @@ from zray.cluster.controller import RunStatus
 from zray.data.sources import lm_tokens_table, write_parquet
 from zray.models.data import synthetic_tokens
 
+_REST = ["torn_down", "slots_free", "process", "rendezvous", "built", "restored", "first_step"]
+GROW = ["added", "pause_asked", "handed_over", *_REST]
+LOSS = ["removed", "failure_seen", *_REST]
+
+
+def phases(timeline: dict[str, float], order: list[str]) -> dict[str, float]:
+    """Seconds from each entry of `order` to the next (0 where a later entry came first: a kept
+    process was made before the event)."""
+    out, reached = {}, timeline[order[0]]
+    for start, end in itertools.pairwise(order):
+        out[f"{start}->{end}"] = max(0.0, timeline[end] - reached)
+        reached = max(reached, timeline[end])
+    return out
+
 
 def one_run(parquet: str, steps: int) -> dict[str, Any]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -34,14 +55,22 @@ def one_run(parquet: str, steps: int) -> dict[str, Any]:
     ray.init(address=cluster.address, log_to_driver=False)
     t: dict[str, float] = {}
     at: dict[str, int] = {}
+    wall: dict[str, float] = {}  # time.time() of the node added / removed
+    lines: dict[str, dict[str, float]] = {}  # each event's timeline, once its first step is in
 
     def drive(st: RunStatus) -> None:
         now = time.perf_counter()
         training = st.phase == "training"
+        line = st.timeline
+        if line.get("first_step", 0.0) > line.get("torn_down", float("inf")):
+            if "pause_asked" in line and "grow" not in lines:
+                lines["grow"] = {"added": wall["added"], **line}
+            if "failure_seen" in line and "removed" in wall and "loss" not in lines:
+                lines["loss"] = {"removed": wall["removed"], **line}
         if "added" not in t and st.step >= 6:
             nodes.append(cluster.add_node(num_cpus=1))
             cluster.wait_for_nodes()
-            t["added"] = time.perf_counter()
+            t["added"], wall["added"] = time.perf_counter(), time.time()
             return
         if (
             "added" in t
@@ -55,7 +84,7 @@ def one_run(parquet: str, steps: int) -> dict[str, Any]:
                 t["grown"], at["grown"] = now, st.step
         if "grown" in t and "lost" not in t and st.step >= at["grown"] + 10:
             victim = next(n for n in nodes if n.node_id == st.worker_nodes[2])
-            t["lost"] = time.perf_counter()
+            t["lost"], wall["removed"] = time.perf_counter(), time.time()
             cluster.remove_node(victim)
             at["lost"] = st.step
             return
@@ -94,6 +123,8 @@ def one_run(parquet: str, steps: int) -> dict[str, Any]:
         "node_added_to_training_s": t["grown"] - t["added"],
         "worker_lost_to_training_s": t["resumed"] - t["lost"],
         "steps_at": at,
+        "grow_phases": phases(lines["grow"], GROW) if "grow" in lines else None,
+        "loss_phases": phases(lines["loss"], LOSS) if "loss" in lines else None,
         "lost_steps": result.lost_steps,
         "resizes": result.resizes,
         "restarts": result.restarts,
@@ -119,6 +150,12 @@ def main() -> None:
             f"{r['node_added_to_training_s']:>30.2f} {r['worker_lost_to_training_s']:>31.2f} "
             f"{r['lost_steps']:>11}"
         )
+    for event in ("grow", "loss"):
+        runs = [r[f"{event}_phases"] for r in rows if r[f"{event}_phases"]]
+        if runs:
+            print(f"\n{event}, s:")
+            for name in runs[0]:
+                print(f"  {name:<28} " + " ".join(f"{r[name]:>6.2f}" for r in runs))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "runs": rows}, f, indent=1)

@@ -231,6 +231,10 @@ def test_grows_when_capacity_appears_and_hands_state_over_in_memory() -> None:
     assert [s.rank for s in resumed] == [0, 1] and resumed[0].engine["global_steps"] == 7
     assert c.resizes == 1 and c.restarts == 0
     assert any(d.startswith("grow: capacity for 3") for d in c.status.decisions)
+    # The grow's timeline (benchmarks/elastic.py splits a resize with it), in order.
+    order = ["pause_asked", "handed_over", "torn_down", "slots_free", "group_started"]
+    line = c.status.timeline
+    assert [line[k] for k in order] == sorted(line[k] for k in order), line
 
 
 def test_failure_shrinks_to_the_capacity_left_and_waits_below_the_minimum() -> None:

@@ -96,9 +96,11 @@ class RunStatus:
     decisions: list[str] = field(default_factory=list)  # every decision, with its reason
     error: str | None = None
     metrics_url: str | None = None  # where the run's metrics are served, if they are
-    # Wall-clock times (time.time()) of the last (re)start, for recovery benchmarks: the
-    # controller's "failure_seen", "torn_down" (the failed group ended), "slots_free" (capacity
-    # for the new group seen), "group_started" (its actors answering), then the workers' Report.milestones, each the latest
+    # Wall-clock times (time.time()) of the last (re)start, for recovery and resize benchmarks:
+    # the controller's "failure_seen" (a recovery) or "pause_asked" and "handed_over" (a grow:
+    # the group asked to pause, every rank's state in), "torn_down" (the old group ended),
+    # "slots_free" (capacity for the new group seen), "group_started" (its actors answering),
+    # then the workers' Report.milestones, each the latest
     # over the ranks (the group is as far as its slowest rank).
     timeline: dict[str, float] = field(default_factory=dict)
 
@@ -282,6 +284,7 @@ class Controller:
                     f"grow: capacity for {target} workers ({self.group.size} now); "
                     "pausing at the next logged step to reshard in memory"
                 )
+                self.status.timeline = {"pause_asked": time.time()}
                 self.group.request_pause()
                 return self._go(Resizing(want=target, started=self.clock()))
         return self.state
@@ -304,7 +307,9 @@ class Controller:
     ) -> RunState:
         assert self.group is not None
         resume = [polled.outcomes[r].handover for r in sorted(polled.outcomes)]
+        self.status.timeline["handed_over"] = time.time()
         self.group.shutdown()
+        self.status.timeline["torn_down"] = time.time()
         self.group = None
         self.resizes += 1
         self.status.resizes = self.resizes
