@@ -68,9 +68,12 @@ def one_run(parquet: str, steps: int) -> dict[str, Any]:
             if "failure_seen" in line and "removed" in wall and "loss" not in lines:
                 lines["loss"] = {"removed": wall["removed"], **line}
         if "added" not in t and st.step >= 6:
+            # Before add_node: the controller can see the node, pause and hand over before
+            # add_node returns (the phases start at the call; the table's clock after the wait).
+            wall["added"] = time.time()
             nodes.append(cluster.add_node(num_cpus=1))
             cluster.wait_for_nodes()
-            t["added"], wall["added"] = time.perf_counter(), time.time()
+            t["added"] = time.perf_counter()
             return
         if (
             "added" in t
@@ -124,6 +127,7 @@ def one_run(parquet: str, steps: int) -> dict[str, Any]:
         "worker_lost_to_training_s": t["resumed"] - t["lost"],
         "steps_at": at,
         "grow_phases": phases(lines["grow"], GROW) if "grow" in lines else None,
+        "timelines": lines,
         "loss_phases": phases(lines["loss"], LOSS) if "loss" in lines else None,
         "lost_steps": result.lost_steps,
         "resizes": result.resizes,

@@ -54,17 +54,30 @@ def kill_self_once(outputs: Any, batch: Any, step: int, rank: int, marker: str) 
     return outputs
 
 
-def test_killed_worker_recovers_exactly(parquet_tokens: Path, tmp_path: Path) -> None:
+# The uninterrupted run the fault tests compare with (one run for both: each costs ~10 s).
+FAULT_CFG = _runs.config(1, steps=8, num_workers=2, checkpoint_interval=2, max_failures=2)
+
+
+@pytest.fixture(scope="module")
+def clean_run(parquet_tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return zray.fit(
+        config=FAULT_CFG,
+        data=str(parquet_tokens),
+        checkpoint_dir=str(tmp_path_factory.mktemp("clean")),
+        progress=False,
+    )
+
+
+def test_killed_worker_recovers_exactly(
+    parquet_tokens: Path, tmp_path: Path, clean_run: Any
+) -> None:
     """SIGKILL one worker mid-run: the run completes from the last checkpoint and its final
     fp32 weights are bit-identical to an uninterrupted run's.
 
     The worker kills itself at step 5 (from the loss function), so the kill lands mid-run on
     every machine; a kill from the progress callback depended on a poll seeing step 5 before
     the run ended (once, in CI, it did not)."""
-    cfg = _runs.config(1, steps=8, num_workers=2, checkpoint_interval=2, max_failures=2)
-    clean = zray.fit(
-        config=cfg, data=str(parquet_tokens), checkpoint_dir=str(tmp_path / "clean"), progress=False
-    )
+    cfg, clean = FAULT_CFG, clean_run
     marker = tmp_path / "killed"
     timelines: list[dict[str, float]] = []
     broken = zray.fit(
@@ -101,15 +114,14 @@ def sigterm_self_once(outputs: Any, batch: Any, step: int, rank: int, marker: st
     return outputs
 
 
-def test_sigterm_pauses_the_group_and_loses_no_step(parquet_tokens: Path, tmp_path: Path) -> None:
+def test_sigterm_pauses_the_group_and_loses_no_step(
+    parquet_tokens: Path, tmp_path: Path, clean_run: Any
+) -> None:
     """SIGTERM to one worker mid-run (a preemption): the group pauses at the next step, hands its
     state over in memory and starts again; no restart, no step lost, and every loss and the
     final fp32 weights equal an uninterrupted run's bit for bit (the same computation resumed
     from the same state at the same world size)."""
-    cfg = _runs.config(1, steps=8, num_workers=2, checkpoint_interval=8, max_failures=0)
-    clean = zray.fit(
-        config=cfg, data=str(parquet_tokens), checkpoint_dir=str(tmp_path / "clean"), progress=False
-    )
+    cfg, clean = FAULT_CFG, clean_run
     marker = tmp_path / "terminated"
     stopped = zray.fit(
         config=cfg,
