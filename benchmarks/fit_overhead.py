@@ -208,8 +208,19 @@ def run_fit(args: argparse.Namespace, data: str, replica: str) -> dict[str, Any]
     if replica != "default":
         run["replica_interval"] = int(replica)
     cfg["zray"] = run
+    before = os.environ.get("OMP_NUM_THREADS")
+    if args.fit_omp_threads:
+        # Ray sets OMP_NUM_THREADS=1 in a 1-CPU actor unless the cluster's environment has it
+        # (zray.launch gives each process cores / nproc): the embedded cluster inherits this.
+        os.environ["OMP_NUM_THREADS"] = str(args.fit_omp_threads)
     t0 = time.perf_counter()
-    result = zray.fit(config=cfg, data=data, progress=False)
+    try:
+        result = zray.fit(config=cfg, data=data, progress=False)
+    finally:  # the engine and trainer runs keep their own setting
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
     wall = time.perf_counter() - t0
     return {
         "replica": replica,
@@ -250,6 +261,12 @@ def main() -> None:
     p.add_argument("--host-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--trainer", action="store_true", help="also fit's loop without Ray (zray.launch)"
+    )
+    p.add_argument(
+        "--fit-omp-threads",
+        type=int,
+        default=0,
+        help="OMP_NUM_THREADS in fit's workers (0: Ray's choice, 1 per 1-CPU actor)",
     )
     p.add_argument("--out", default="")
     p.add_argument("--as-engine-worker", action="store_true", help=argparse.SUPPRESS)
