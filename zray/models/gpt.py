@@ -296,7 +296,22 @@ class GPT(nn.Module):
         logits [B, T, V].
         """
         B, T = input_ids.shape
-        if input_ids.shape[1] > self.cfg.seq_len:
+        logits = self.lm_head(self.hidden(input_ids, attention_mask))  # 2*B*T*D*V FLOPs
+        if labels is None:
+            return logits
+        # fp32 for the softmax even under bf16/fp16 autocast (the log-sum-exp over V terms loses
+        # the loss's low bits in half precision), one slab of rows at a time, with the
+        # gradient formed during forward: no [B, T, V] fp32 tensor is kept (see models/loss.py).
+        targets = next_token_targets(labels)
+        return cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), IGNORE_INDEX)
+
+    def hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The last block's output after the final LayerNorm, [B, T, D]: everything but the
+        head (TensorParallelGPT shares it and puts its own head on top)."""
+        T = input_ids.shape[1]
+        if self.cfg.seq_len < T:
             raise ValueError(
                 f"input_ids has sequence length {T}, longer than GPTConfig.seq_len "
                 f"{self.cfg.seq_len}"
@@ -307,14 +322,7 @@ class GPT(nn.Module):
         mask = attention_mask_bias(attention_mask, T)
         for block in self.blocks:  # the mask only when there is one: blocks keep block(x)
             x = block(x) if mask is None else block(x, mask)
-        logits = self.lm_head(self.ln_f(x))  # [B, T, V]; costs 2*B*T*D*V FLOPs
-        if labels is None:
-            return logits
-        # fp32 for the softmax even under bf16/fp16 autocast (the log-sum-exp over V terms loses
-        # the loss's low bits in half precision), one slab of rows at a time, with the
-        # gradient formed during forward: no [B, T, V] fp32 tensor is kept (see models/loss.py).
-        targets = next_token_targets(labels)
-        return cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), IGNORE_INDEX)
+        return self.ln_f(x)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of unique parameters (a tied weight counts once), from the tensors' numel:

@@ -15,7 +15,6 @@ from zray.models.gpt import (
     IGNORE_INDEX,
     CausalSelfAttention,
     attend,
-    attention_mask_bias,
     next_token_targets,
 )
 from zray.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear
@@ -69,7 +68,7 @@ class ParallelCausalSelfAttention(nn.Module):
 class TensorParallelGPT(GPT):
     """zray's GPT after `apply_tensor_parallel`: the loss comes from vocabulary-sliced logits.
 
-    Mirrors GPT.forward (kept in step by the equivalence tests) except for the last lines.
+    GPT.forward with the head's last lines changed: the trunk is GPT.hidden.
     """
 
     def forward(
@@ -78,19 +77,9 @@ class TensorParallelGPT(GPT):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        T = input_ids.shape[1]
-        if input_ids.shape[1] > self.cfg.seq_len:
-            raise ValueError(
-                f"input_ids has sequence length {T}, longer than GPTConfig.seq_len "
-                f"{self.cfg.seq_len}"
-            )
-        pos = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # [B, T, D], replicated
-        mask = attention_mask_bias(attention_mask, T)
-        for block in self.blocks:  # the mask only when there is one: blocks keep block(x)
-            x = block(x) if mask is None else block(x, mask)
         head: ColumnParallelLinear = self.lm_head
-        logits = head(self.ln_f(x))  # [B, T, V/tp]; 2*B*T*D*V/tp FLOPs
+        # The trunk is replicated over the tensor group; the head's output is [B, T, V/tp].
+        logits = head(self.hidden(input_ids, attention_mask))  # 2*B*T*D*V/tp FLOPs
         if labels is None:
             return gather_from_tp(logits, head.group, dim=-1)  # [B, T, V], for inference
         return vocab_parallel_cross_entropy(
