@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -53,24 +52,6 @@ CASES = {
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-@pytest.fixture
-def deterministic() -> Iterator[None]:
-    flags = (
-        torch.backends.cuda.flash_sdp_enabled(),
-        torch.backends.cuda.mem_efficient_sdp_enabled(),
-        torch.backends.cuda.cudnn_sdp_enabled(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cuda.enable_flash_sdp(False)
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.backends.cuda.enable_flash_sdp(flags[0])
-    torch.backends.cuda.enable_mem_efficient_sdp(flags[1])
-    torch.backends.cuda.enable_cudnn_sdp(flags[2])
 
 
 def _train(zero: dict[str, Any], offload: bool, steps: int) -> dict[str, Any]:

@@ -17,7 +17,6 @@ the GPU machine: `pytest tests/distributed/test_shard_adam_gpu.py`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -59,26 +58,6 @@ def test_kernel_matches_torch_fused_adamw() -> None:
     assert rel(mine, ref.detach()) <= 1e-6
     assert rel(m, st["exp_avg"]) <= 1e-6 and rel(v, st["exp_avg_sq"]) <= 1e-6
     assert torch.equal(lowp, mine.to(torch.bfloat16))
-
-
-@pytest.fixture
-def deterministic() -> Iterator[None]:
-    """Deterministic kernels (math attention, no atomics): the two runs must see the same
-    gradients, so that only the optimizer's arithmetic differs."""
-    flags = (
-        torch.backends.cuda.flash_sdp_enabled(),
-        torch.backends.cuda.mem_efficient_sdp_enabled(),
-        torch.backends.cuda.cudnn_sdp_enabled(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cuda.enable_flash_sdp(False)
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.backends.cuda.enable_flash_sdp(flags[0])
-    torch.backends.cuda.enable_mem_efficient_sdp(flags[1])
-    torch.backends.cuda.enable_cudnn_sdp(flags[2])
 
 
 @pytest.mark.parametrize("steps", [1, 3])
