@@ -27,7 +27,7 @@ from zray.env import ray_address, ray_auth_mode
 from zray.errors import ConfigError
 from zray.models.data import synthetic_table
 from zray.preflight import preflight
-from zray.trainer import RunSpec
+from zray.run_records import RunSpec
 
 log = logging.getLogger("zray")
 

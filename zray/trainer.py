@@ -14,7 +14,6 @@ when a checkpoint is saved, at a pause, and at the end (the signals are drained 
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import math
@@ -23,9 +22,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +29,7 @@ from torch import nn
 
 from zray.checkpoint.manager import CheckpointManager, Resume
 from zray.checkpoint.replica import Send
-from zray.checkpoint.shard import PackedShard, RankShard
+from zray.checkpoint.shard import PackedShard
 from zray.config import Config
 from zray.entrypoint import load_entry
 from zray.env import DistEnv, read_dist_env
@@ -44,81 +40,15 @@ from zray.metrics.progress import LossLog, RateWindow
 from zray.metrics.worker import WorkerMetrics
 from zray.parallel.context import init_distributed
 from zray.parallel.step_signals import StepSignals, StepValues
+from zray.run_records import Report, RunOutcome, RunSpec, WorkerPhase
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Report", "Resume", "RunOutcome", "RunSpec", "Trainer"]
+__all__ = ["Trainer", "build_model"]
 
 # The report the controller polls (every zray.poll_interval_s) is refreshed this often: building
 # it every step would cost a small model's step a noticeable share of its host time.
 REPORT_EVERY_S = 0.1
-
-
-@dataclass
-class RunSpec:
-    """Everything a worker needs to train; pickled to every worker."""
-
-    config: dict[str, Any]  # Config.to_dict(): DeepSpeed keys plus the "zray" run section
-    model: Callable[..., nn.Module] | str  # a factory, or "package.module:callable"
-    data: Any  # anything zray.data.as_source accepts
-    loss: Callable[[Any, Any], torch.Tensor] | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    # Unique to this zray.fit call (the spec is made once and pickled to every worker): checkpoint
-    # pieces carry it, so a piece an earlier, killed run left in the same directory is never
-    # committed beside this run's.
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-
-
-class WorkerPhase(enum.StrEnum):
-    STARTING = "starting"  # building the model and engine, restoring, loading data
-    TRAINING = "training"
-    CHECKPOINTING = "checkpointing"  # writing a checkpoint
-    PAUSED = "paused"  # stopped at an agreed step for a resize; state handed over
-    DONE = "done"  # max_steps reached
-
-
-@dataclass(frozen=True)
-class Report:
-    """A worker's progress, as polled by the controller."""
-
-    rank: int
-    pid: int
-    node: str
-    step: int = 0
-    loss: float | None = None  # the global mean loss of the newest step read (one step late)
-    tokens_per_s: float = 0.0  # all ranks, over the last ~20 s
-    mfu: float | None = None  # model FLOPs utilisation over the same window (None: unknown)
-    checkpoint_step: int | None = None
-    phase: WorkerPhase = WorkerPhase.STARTING
-    stage: int = 0
-    copy_interval: float = 0.0  # steps between this rank's last two state copies (0: none yet)
-    copy_step: int | None = None  # the step of this rank's newest acknowledged state copy
-    steps_done: int = 0  # steps this process completed (exact: read when the report is asked)
-    # Wall-clock times (time.time()) of this rank's start-up: "process" (its actor made), "run"
-    # (training asked for), "rendezvous" (process group up), "built" (model and engine made),
-    # "restored" (state loaded), "first_step" (its first step done). Recovery benchmarks split a restart with them.
-    milestones: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)  # see zray.metrics.worker
-
-
-@dataclass
-class RunOutcome:
-    """Rank 0's return value when training completes."""
-
-    steps: int
-    losses: list[tuple[int, float]]
-    tokens_per_s: float
-    checkpoint: str | None
-    world_size: int
-    # (step, seconds since this group started training) when the step's values were read back
-    # from the device, i.e. when the device had finished it (to within the host's own step).
-    step_times: list[tuple[int, float]] = field(default_factory=list)
-    copy_stats: dict[str, Any] = field(default_factory=dict)  # ReplicaStats.as_dict()
-    # A planned pause (a resize): every rank stopped after the same step and hands over its
-    # state, which the next group restores from memory instead of disk.
-    paused: bool = False
-    handover: RankShard | None = None
-    preempted: bool = False  # this rank's process got SIGTERM (zray.cluster.worker): it paused
 
 
 class Trainer:

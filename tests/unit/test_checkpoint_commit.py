@@ -312,7 +312,7 @@ def test_a_piece_left_by_an_earlier_run_is_never_committed_with_a_new_runs(tmp_p
     step 4; the second run's rank 0 saves step 4 (same attempt number, 0) and must not commit
     the first run's rank-1 piece beside its own (before run ids, both ids were 'attempt0-step4')."""
     from zray.checkpoint.manager import checkpoint_save_id
-    from zray.trainer import RunSpec
+    from zray.run_records import RunSpec
 
     first, second = RunSpec({}, "m:f", None), RunSpec({}, "m:f", None)
     assert first.run_id != second.run_id

@@ -10,7 +10,7 @@ from zray.cluster.controller import Controller, RunFailedError
 from zray.cluster.group import GroupPoll, GroupStartError
 from zray.cluster.policy import Action, Failure, FailurePolicy
 from zray.cluster.state import TRANSITIONS, RunState, check_transition
-from zray.trainer import Report, RunOutcome
+from zray.run_records import Report, RunOutcome
 
 
 class FakeGroup:

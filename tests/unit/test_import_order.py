@@ -135,7 +135,7 @@ def _loops(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_loops() -> None:
     modules = _modules()
     graph = {m: _imports(m, p, set(modules)) for m, p in modules.items()}
-    assert graph["zray.fit"] >= {"zray.trainer", "zray.config"}  # the walk sees imports
+    assert graph["zray.fit"] >= {"zray.run_records", "zray.config"}  # the walk sees imports
     assert "zray.config.batch" in graph["zray.config.root"]
     loops = _loops(graph)
     shown = [" <-> ".join(loop) for loop in loops]

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from zray.checkpoint.manager import Resume
 from zray.checkpoint.shard import PackedShard
 from zray.cluster.group import GroupPoll, GroupStartError, WorkerGroup
 from zray.cluster.policy import Action, Decision, Failure, FailureKind, FailurePolicy
@@ -43,7 +44,7 @@ from zray.cluster.state import (
     check_transition,
 )
 from zray.errors import ZrayError
-from zray.trainer import Report, Resume, RunOutcome, WorkerPhase
+from zray.run_records import Report, RunOutcome, WorkerPhase
 
 if TYPE_CHECKING:
     from zray.metrics.exporter import RunMetrics

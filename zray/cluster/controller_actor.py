@@ -15,7 +15,7 @@ from zray.cluster.group import RayWorkerGroup
 from zray.cluster.policy import FailurePolicy
 from zray.config import Config
 from zray.metrics.exporter import Exporter, RunMetrics
-from zray.trainer import RunOutcome, RunSpec
+from zray.run_records import RunOutcome, RunSpec
 
 log = logging.getLogger("zray.controller")
 

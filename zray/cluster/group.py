@@ -18,10 +18,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from zray.checkpoint.manager import Resume
 from zray.checkpoint.shard import PackedShard
 from zray.cluster.policy import Failure, FailureKind
 from zray.errors import ConfigError, NonFiniteError, ZrayError
-from zray.trainer import Report, Resume, RunOutcome, RunSpec
+from zray.run_records import Report, RunOutcome, RunSpec
 
 
 class GroupStartError(ZrayError):

@@ -6,7 +6,8 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from zray.trainer import Resume, RunOutcome
+from zray.checkpoint.manager import Resume
+from zray.run_records import RunOutcome
 
 if TYPE_CHECKING:
     from zray.cluster.group import Survivors

@@ -29,11 +29,13 @@ from typing import Any
 
 import ray
 
+from zray.checkpoint.manager import Resume
 from zray.checkpoint.replica import ReplicaStore
 from zray.checkpoint.shard import PackedShard
 from zray.env import DistEnv
 from zray.launch import free_port
-from zray.trainer import Report, Resume, RunOutcome, RunSpec, Trainer
+from zray.run_records import Report, RunOutcome, RunSpec
+from zray.trainer import Trainer
 
 
 def send_to(holder: Any, rank: int) -> Callable[[int, PackedShard], Callable[[], None]]:
