@@ -3,8 +3,8 @@
 The controller talks to a group only through the `WorkerGroup` protocol (`start`, `poll`,
 `survivors`, `shutdown`, ...), so its state machine can be driven in tests by a fake group.
 
-After a failure the processes that are still alive and idle are kept for the next group at the
-same size (`Survivors`): only the lost ranks get new processes. Starting a worker process and
+After a failure on CPU workers the processes that are still alive and idle are kept for the
+next group at the same size (`Survivors`): only the lost ranks get new processes. Starting a worker process and
 its first model and engine build cost seconds each (imports, first-time set-up of torch and
 zray); a kept process has paid them already.
 """
@@ -325,9 +325,10 @@ class RayWorkerGroup:
         if self.use_gpu or self.tp != 1 or len(self.pgs) != 1 or not self.runs:
             self.shutdown()
             return None
-        # Each run that ends is reset at once: that closes its process group's connections,
-        # which ends the runs still waiting on it (gloo: a rank blocked on a live peer waits
-        # until that peer's sockets close, not just until the dead one's did).
+        # Each run that ends is reset at once, so that a rank blocked on it (gloo waits on a
+        # live peer until that peer's sockets close) can fail within the grace too. Measured:
+        # one rank of 4 still stays blocked in a reduce-scatter and is replaced (RESULTS.md,
+        # "Recovery").
         resets: dict[int, Any] = {}
         waiting = list(self.runs)
         deadline = time.monotonic() + grace_s
