@@ -21,7 +21,7 @@ class FakeGroup:
         self.started_from: str | None = "never"
         self.shut = False
 
-    def start(self, resume: str | None, attempt: int) -> None:
+    def start(self, resume: str | None, attempt: int, reuse: None = None) -> None:
         if self.start_error:
             raise GroupStartError([Failure(-1, "timeout", "bundles not placed")])
         self.started_from = resume

@@ -101,8 +101,8 @@ class RunStatus:
     # the controller's "failure_seen" (a recovery) or "pause_asked" and "handed_over" (a grow:
     # the group asked to pause, every rank's state in), "torn_down" (the old group ended),
     # "slots_free" (capacity for the new group seen), "group_started" (its actors answering),
-    # then the workers' Report.milestones, each the latest
-    # over the ranks (the group is as far as its slowest rank).
+    # then the workers' Report.milestones, each the latest over the ranks (the group is as far
+    # as its slowest rank).
     timeline: dict[str, float] = field(default_factory=dict)
 
 
@@ -242,10 +242,7 @@ class Controller:
         self.status.timeline["slots_free"] = time.time()
         self.group = self.make_group(size)
         try:
-            if at.survivors is not None:
-                self.group.start(resume, self.restarts + self.resizes, reuse=at.survivors)
-            else:
-                self.group.start(resume, attempt=self.restarts + self.resizes)
+            self.group.start(resume, self.restarts + self.resizes, reuse=at.survivors)
         except GroupStartError as e:
             return self._decide(e.failures)
         self.status.world_size = self.group.size

@@ -57,8 +57,9 @@ class Worker:
         self._store_dir: str | None = None  # made by store_file(), removed after run()
         self._pause_requested = False
         self._created = time.time()  # for the recovery timeline (Report.milestones)
-        # What the first model and engine build would import, started now: it overlaps the
-        # group's rendezvous instead of following it (a second of a recovery on a small CPU).
+        # What the first model and engine build would import, started now, to overlap the
+        # group's rendezvous instead of following it. Measured on 2 cores (RESULTS.md,
+        # "Recovery"): ~1 s moved from "build" to "rendezvous", no clear net gain there.
         threading.Thread(target=_prewarm, name="zray-prewarm", daemon=True).start()
         self._training = False  # inside run()
         self.preempted = False  # a SIGTERM came while training: the group pauses and hands over
